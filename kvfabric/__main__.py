@@ -1,0 +1,3 @@
+from kvfabric.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The whole kvfabric exception tree.
+
+Foreign errors (RocksDB, boto3/botocore, sockets) are translated into these types once, at the edge of the
+backend or transport that raised them, and re-raised with ``from exc`` so the cause stays visible.
+
+    KVFabricError
+    ├── InvalidBlockError          bad input to the store: wrong shape/dtype, oversized, unknown model
+    │   ├── UnknownModelError
+    │   └── BlockTooLargeError
+    ├── RecordError                a stored/received record cannot be trusted
+    │   ├── TruncatedRecordError
+    │   ├── MalformedRecordError   bad magic, version, codec, dtype, header checksum
+    │   └── ChecksumMismatchError  payload bytes do not match the header's checksum
+    ├── StoreError                 a tier failed (I/O, full, unavailable)
+    │   ├── TierFullError
+    │   └── TierUnavailableError
+    ├── ProtocolError              the wire protocol was violated
+    │   └── FrameTooLargeError
+    ├── AuthError                  missing/invalid credentials, or a scope the token lacks
+    ├── ClientError                a client-side failure (timeouts, connection loss)
+    │   └── RemoteError            the server answered with an error
+    └── ConfigError                invalid configuration
+"""
+
+from __future__ import annotations
+
+
+class KVFabricError(Exception):
+    """Base class of every error kvfabric raises on purpose."""
+
+
+class InvalidBlockError(KVFabricError, ValueError):
+    """A block offered to the store does not fit its model spec or the store's limits; nothing was stored."""
+
+
+class UnknownModelError(InvalidBlockError):
+    """The block's model fingerprint is not registered with the store."""
+
+    def __init__(self, fingerprint_hex: str) -> None:
+        super().__init__(f"unknown model fingerprint {fingerprint_hex}: register its ModelSpec first")
+        self.fingerprint_hex = fingerprint_hex
+
+
+class BlockTooLargeError(InvalidBlockError):
+    """The block's payload exceeds the configured limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"block payload of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class RecordError(KVFabricError):
+    """A block record (on disk, in an object, on the wire) cannot be trusted; it must never be served."""
+
+
+class TruncatedRecordError(RecordError):
+    """The record ends before its header or payload does."""
+
+
+class MalformedRecordError(RecordError):
+    """The record's header is invalid: bad magic, unknown version/codec/dtype, or a header checksum mismatch."""
+
+
+class ChecksumMismatchError(RecordError):
+    """The payload bytes do not match the checksum in the header."""
+
+
+class StoreError(KVFabricError):
+    """A tier failed to carry out an operation."""
+
+
+class TierFullError(StoreError):
+    """The tier has no room for the block (capacity reached and nothing evictable, or the disk is full)."""
+
+
+class TierUnavailableError(StoreError):
+    """The tier's backend cannot be reached (e.g. the object store is down)."""
+
+
+class ProtocolError(KVFabricError):
+    """The peer violated the wire protocol."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame exceeds the negotiated size limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class AuthError(KVFabricError):
+    """Missing or invalid credentials, or a token without the scope an operation needs."""
+
+
+class ClientError(KVFabricError):
+    """A client-side failure: connection lost, timeout, retries exhausted."""
+
+
+class RemoteError(ClientError):
+    """The server answered a request with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConfigError(KVFabricError, ValueError):
+    """The configuration is invalid; the message names the key."""

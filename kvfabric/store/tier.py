@@ -1,0 +1,147 @@
+"""The one tier contract every storage tier implements, and the plain data it speaks in.
+
+A tier is synchronous: file and network I/O live in small sync methods, and async callers (the server) enter through
+``asyncio.to_thread``. A new tier is done when it passes the shared suite in ``tests/store/tier_suite.py``.
+
+Reads never return bad data: a record whose checksum fails is counted in ``stats.corrupt``, removed from the tier,
+announced with a ``BlockRemoved`` event, and reported as a miss.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from kvfabric.events import BlockRemoved, BlockStored, EventSink, KVEvent
+from kvfabric.ids import BlockKey, Namespace, TierId
+from kvfabric.record import Block, BlockMeta
+
+
+@dataclass(frozen=True, slots=True)
+class TierCapabilities:
+    """What a tier can do; composite stores read these instead of checking classes."""
+
+    persistent: bool
+    """Blocks survive a restart of the process (after the tier's durability point)."""
+    shared: bool = False
+    """Other nodes can read what this tier holds (object storage)."""
+    zero_copy_get: bool = False
+    """``get`` returns a view of the tier's own memory rather than a copy."""
+    evicts: bool = False
+    """The tier drops blocks by itself when full (a cache), rather than refusing writes."""
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier; ``bytes`` counts stored (possibly compressed) payload bytes."""
+
+    blocks: int = 0
+    bytes: int = 0
+    capacity_bytes: int | None = None
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    puts: int = 0
+    deletes: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+class Tier(ABC):
+    """Abstract storage tier keyed by :class:`~kvfabric.ids.BlockKey`.
+
+    Implement ``put``, ``get``, ``head``, ``delete``, ``keys`` and ``close``; the batch forms, ``contains`` and
+    ``get_into`` have correct defaults built from them that a tier overrides where it can do better.
+    """
+
+    tier_id: TierId
+    capabilities: TierCapabilities
+
+    def __init__(self, tier_id: TierId, *, source: str = "local", events: EventSink | None = None) -> None:
+        self.tier_id = tier_id
+        self.source = source
+        self.events = events
+        self._stats = TierStats()
+
+    # --- the abstract core -------------------------------------------------------------------------------------
+    @abstractmethod
+    def put(self, block: Block) -> None:
+        """Store ``block`` (last write wins). When this returns the block is as durable as the tier promises."""
+
+    @abstractmethod
+    def get(self, key: BlockKey) -> Block | None:
+        """The verified block, or ``None`` on a miss (including a corrupt record, which is dropped)."""
+
+    @abstractmethod
+    def head(self, key: BlockKey) -> BlockMeta | None:
+        """The block's metadata without reading its payload, or ``None``."""
+
+    @abstractmethod
+    def delete(self, key: BlockKey) -> bool:
+        """Remove the block; ``True`` if it was there."""
+
+    @abstractmethod
+    def keys(self, namespace: Namespace | None = None) -> Iterator[BlockKey]:
+        """Every key held (in one namespace when given). Safe against concurrent writes; may miss or include
+        keys written during the iteration."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release resources; the tier is unusable afterwards. Idempotent."""
+
+    # --- defaults built on the core ----------------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        return self.head(key) is not None
+
+    def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
+        """Copy the block's raw payload into ``out`` (exactly ``meta.nbytes`` long); ``None`` on a miss."""
+        block = self.get(key)
+        if block is None:
+            return None
+        dst = memoryview(out).cast("B")
+        if len(dst) != block.meta.nbytes:
+            raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {block.meta.nbytes}")
+        dst[:] = memoryview(block.payload).cast("B")
+        return block.meta
+
+    def put_many(self, blocks: Iterable[Block]) -> None:
+        for block in blocks:
+            self.put(block)
+
+    def get_many(self, keys: Iterable[BlockKey]) -> list[Block | None]:
+        return [self.get(k) for k in keys]
+
+    def contains_many(self, keys: Iterable[BlockKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    def delete_many(self, keys: Iterable[BlockKey]) -> int:
+        return sum(self.delete(k) for k in keys)
+
+    def stats(self) -> TierStats:
+        """A snapshot of this tier's counters."""
+        s = self._stats
+        return TierStats(**{f: getattr(s, f) for f in TierStats.__dataclass_fields__})
+
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- helpers for implementations ---------------------------------------------------------------------------
+    def _emit(self, event: KVEvent) -> None:
+        if self.events is not None:
+            self.events.publish(event)
+
+    def _emit_stored(self, meta: BlockMeta) -> None:
+        self._emit(
+            BlockStored(
+                self.source, self.tier_id, meta.key.namespace, meta.key.model,
+                (meta.key.prefix,), meta.parent, meta.token_count,
+            )
+        )  # fmt: skip
+
+    def _emit_removed(self, key: BlockKey) -> None:
+        self._emit(BlockRemoved(self.source, self.tier_id, key.namespace, key.model, (key.prefix,)))
