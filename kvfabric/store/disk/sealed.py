@@ -26,6 +26,8 @@ class SegmentEntry:
     offset: int
     record_len: int
     """Header plus stored payload; the zero padding after it is not included."""
+    header_len: int
+    """The stored payload is ``[offset + header_len, offset + record_len)``."""
     checksum: int
     """XXH3-64 of the stored payload (also in the record header)."""
     meta: BlockMeta

@@ -582,7 +582,14 @@ class DiskTier(Tier):
                 entry = self._index.get(kb)
             if entry is not None and entry.position == (seg_id, offset):
                 out.append(
-                    SegmentEntry(BlockKey.from_bytes(kb), offset, entry.record_len, entry.checksum, entry.meta())
+                    SegmentEntry(
+                        BlockKey.from_bytes(kb),
+                        offset,
+                        entry.record_len,
+                        entry.header_len,
+                        entry.checksum,
+                        entry.meta(),
+                    )
                 )
         return out
 
