@@ -43,7 +43,7 @@ def _flip_bits(s3_server: SeaweedFS, bucket: str, locations: dict[BlockKey, Obje
             data[pos] ^= 1 << int(rng.integers(8))
             hit |= {
                 k for k, loc in locations.items()
-                if loc.object_key == object_key and loc.offset <= pos < loc.offset + loc.length
+                if loc.object_key == object_key and loc.offset <= pos < loc.offset + loc.record_len
             }  # fmt: skip
         client.put_object(Bucket=bucket, Key=object_key, Body=bytes(data))  # type: ignore[attr-defined]
     return hit
@@ -98,7 +98,7 @@ def test_header_and_payload_flips_are_both_caught(s3_server: SeaweedFS) -> None:
     client = s3_server.client()
     data = bytearray(client.get_object(Bucket=bucket, Key=la.object_key)["Body"].read())  # type: ignore[attr-defined]
     data[la.offset + 40] ^= 0x10  # inside a's header
-    data[lb.offset + lb.length - 1] ^= 0x01  # last payload byte of b
+    data[lb.offset + lb.record_len - 1] ^= 0x01  # last payload byte of b
     client.put_object(Bucket=bucket, Key=la.object_key, Body=bytes(data))  # type: ignore[attr-defined]
     with open_tier(s3_server, config) as reader:
         assert reader.get(a.key) is None

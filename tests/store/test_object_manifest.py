@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pyarrow.parquet as pq
@@ -43,7 +44,7 @@ def test_manifest_roundtrip() -> None:
 def test_manifest_is_plain_parquet_with_the_documented_columns() -> None:
     table = pq.read_table(io.BytesIO(encode_manifest(_entries(3), segment_id="s", segment_bytes=3 * 8192)))
     assert table.column_names == [
-        "key", "namespace", "model", "prefix", "parent", "offset", "length", "payload_len", "checksum", "dtype",
+        "key", "namespace", "model", "prefix", "parent", "offset", "record_len", "header_len", "checksum", "dtype",
         "shape", "token_count", "created_ms", "stored_ns",
     ]  # fmt: skip
     assert table.column("namespace").to_pylist() == ["tenant-a"] * 3
@@ -70,7 +71,7 @@ def test_tombstones_roundtrip() -> None:
 
 def test_resolve_latest_stamp_wins() -> None:
     a, b, c = _entries(3, stamp0=100)  # stamps 100, 101, 102
-    a2 = SegmentEntry(a.meta, 0, a.length, a.payload_len, a.checksum, 300)  # a re-put later, in segment s2
+    a2 = dataclasses.replace(a, offset=0, stored_ns=300)  # a re-put later, in segment s2
     plan = resolve(
         {"s1": [a, b, c], "s2": [a2]},
         {"t1": [(a.key, 200), (b.key, 200)], "t2": [(c.key, 50)]},  # c's delete is older than its put

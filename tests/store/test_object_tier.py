@@ -3,6 +3,7 @@ only an object tier does (segments, coalesced reads, segment-file upload, creden
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from kvfabric.codec import Codec
 from kvfabric.errors import ConfigError, StoreError
 from kvfabric.events import BlockStored, EventLog
-from kvfabric.record import decode_header, encode_record
+from kvfabric.ids import BlockKey
+from kvfabric.record import BlockMeta, decode_header, encode_record
 from kvfabric.store.object import ObjectTier, ObjectTierConfig, SegmentEntry
 from kvfabric.store.object.tier import ALIGN
 from tests.blocks import make_block, make_chain
@@ -160,9 +162,31 @@ def test_upload_segment_file(s3_server: SeaweedFS, bucket: str, tmp_path: Path) 
         assert all(tier.locate(b.key).object_key.endswith(f"{segment_id}.seg") for b in blocks)  # type: ignore[union-attr]
         assert tier.stats().blocks == 6
         with pytest.raises(ValueError, match="outside"):
-            bad = SegmentEntry(blocks[0].meta, 1 << 20, entries[0].length, entries[0].payload_len, entries[0].checksum)
+            bad = dataclasses.replace(entries[0], offset=1 << 20)
             tier.upload_segment_file(tmp_path / "000001.seg", [bad])
     with open_tier(s3_server, config) as again:
+        assert all(same(again.get(b.key), b) for b in blocks)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DiskStyleEntry:
+    """The disk tier's sealed-segment entry has these fields (and no stored_ns)."""
+
+    key: BlockKey
+    offset: int
+    record_len: int
+    header_len: int
+    checksum: int
+    meta: BlockMeta
+
+
+def test_upload_segment_file_takes_disk_tier_entries(s3_server: SeaweedFS, bucket: str, tmp_path: Path) -> None:
+    blocks = make_chain(3, seed=13)
+    ours = _write_segment_file(tmp_path / "7.seg", blocks)
+    theirs = [DiskStyleEntry(e.key, e.offset, e.record_len, e.header_len, e.checksum, e.meta) for e in ours]
+    with open_tier(s3_server, object_config(s3_server, bucket)) as tier:
+        tier.upload_segment_file(tmp_path / "7.seg", theirs)
+    with open_tier(s3_server, object_config(s3_server, bucket)) as again:
         assert all(same(again.get(b.key), b) for b in blocks)
 
 

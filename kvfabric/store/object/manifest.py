@@ -31,8 +31,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("prefix", pa.binary(HASH_BYTES)),
         ("parent", pa.binary(HASH_BYTES)),
         ("offset", pa.uint64()),  # of the record inside the segment object
-        ("length", pa.uint64()),  # record length: header + stored payload
-        ("payload_len", pa.uint64()),  # stored (possibly compressed) payload bytes
+        ("record_len", pa.uint64()),  # header + stored payload
+        ("header_len", pa.uint64()),  # the stored payload starts this far into the record
         ("checksum", pa.uint64()),  # XXH3-64 of the stored payload, as in the record header
         ("dtype", pa.string()),
         ("shape", pa.list_(pa.uint32())),
@@ -46,26 +46,41 @@ TOMBSTONE_SCHEMA = pa.schema([("key", pa.binary()), ("deleted_ns", pa.int64())])
 
 @dataclass(frozen=True, slots=True)
 class SegmentEntry:
-    """One record inside a segment: what a manifest row holds.
+    """One record inside a segment: what a manifest row holds, the bytes ``[offset, offset + record_len)``.
 
-    A disk tier uploading a sealed segment file builds these from its index (or with :meth:`from_header` from the
-    record headers) and passes them to ``ObjectTier.upload_segment_file``; ``stored_ns=0`` there means "now".
+    Field for field the disk tier's sealed-segment entry (``kvfabric.store.disk.SegmentEntry``) plus ``stored_ns``,
+    so a disk tier's entries can be passed to ``ObjectTier.upload_segment_file`` as they are; ``stored_ns=0`` there
+    means "now".
     """
 
-    meta: BlockMeta
+    key: BlockKey
     offset: int
-    length: int
-    payload_len: int
+    record_len: int
+    """Header plus stored payload; the zero padding after it is not included."""
+    header_len: int
+    """The stored payload is ``[offset + header_len, offset + record_len)``."""
     checksum: int
+    """XXH3-64 of the stored payload (also in the record header)."""
+    meta: BlockMeta
     stored_ns: int = 0
+    """When the put happened: orders puts against tombstones at rebuild."""
+
+    def __post_init__(self) -> None:
+        if self.key != self.meta.key:
+            raise ValueError(f"segment entry key {self.key} differs from its meta's key {self.meta.key}")
+        if self.offset < 0 or not 0 < self.header_len <= self.record_len:
+            raise ValueError(f"segment entry for {self.key}: bad offset/lengths {self.offset}/{self.header_len}/"
+                             f"{self.record_len}")  # fmt: skip
 
     @property
-    def key(self) -> BlockKey:
-        return self.meta.key
+    def payload_len(self) -> int:
+        """Stored (possibly compressed) payload bytes."""
+        return self.record_len - self.header_len
 
     @classmethod
     def from_header(cls, header: RecordHeader, offset: int, stored_ns: int = 0) -> SegmentEntry:
-        return cls(header.meta, offset, header.record_len, header.payload_len, header.payload_checksum, stored_ns)
+        m = header.meta
+        return cls(m.key, offset, header.record_len, header.header_len, header.payload_checksum, m, stored_ns)
 
 
 def _to_parquet(table: pa.Table) -> bytes:
@@ -97,8 +112,8 @@ def encode_manifest(entries: Sequence[SegmentEntry], *, segment_id: str, segment
         "prefix": [m.key.prefix for m in metas],
         "parent": [m.parent for m in metas],
         "offset": [e.offset for e in entries],
-        "length": [e.length for e in entries],
-        "payload_len": [e.payload_len for e in entries],
+        "record_len": [e.record_len for e in entries],
+        "header_len": [e.header_len for e in entries],
         "checksum": [e.checksum for e in entries],
         "dtype": [m.dtype.name.lower() for m in metas],
         "shape": [list(m.shape) for m in metas],
@@ -142,13 +157,13 @@ def decode_manifest(data: bytes, what: str = "manifest") -> Manifest:
                 PrefixHash(cols["parent"][i]), cols["created_ms"][i],
             )  # fmt: skip
             entry = SegmentEntry(
-                meta_i, cols["offset"][i], cols["length"][i], cols["payload_len"][i], cols["checksum"][i],
+                key, cols["offset"][i], cols["record_len"][i], cols["header_len"][i], cols["checksum"][i], meta_i,
                 cols["stored_ns"][i],
             )  # fmt: skip
         except (KeyError, ValueError, TypeError) as exc:
             raise MalformedRecordError(f"{what} row {i}: {exc!r}") from exc
-        if entry.payload_len > entry.length or entry.offset + entry.length > segment_bytes:
-            raise MalformedRecordError(f"{what} row {i}: record [{entry.offset}, +{entry.length}) outside segment")
+        if entry.offset + entry.record_len > segment_bytes:
+            raise MalformedRecordError(f"{what} row {i}: record [{entry.offset}, +{entry.record_len}) outside segment")
         entries.append(entry)
     return Manifest(segment_id, segment_bytes, entries)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import boto3
 
@@ -70,11 +71,22 @@ def _aligned(n: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ObjectLocation:
-    """Where a committed block's record lies: object key, byte offset, record length."""
+    """Where a committed block's record lies: object key, byte offset, record length (header + stored payload)."""
 
     object_key: str
     offset: int
-    length: int
+    record_len: int
+
+
+class SealedRecord(Protocol):
+    """What ``upload_segment_file`` needs to know of each record: our :class:`SegmentEntry` or the disk tier's."""
+
+    key: BlockKey
+    offset: int
+    record_len: int
+    header_len: int
+    checksum: int
+    meta: BlockMeta
 
 
 @dataclass(slots=True)
@@ -281,7 +293,7 @@ class ObjectTier(Tier):
         seg.data.extend(bytes(offset - seg.nbytes))
         seg.data += header
         seg.data += payload
-        entry = SegmentEntry(meta, offset, record_len, len(payload), checksum, self._next_stamp())
+        entry = SegmentEntry(meta.key, offset, record_len, len(header), checksum, meta, self._next_stamp())
         self._install_locked(Located(seg.segment_id, entry))
         self._stats.puts += 1
         self._stats.bytes_written += record_len
@@ -319,8 +331,9 @@ class ObjectTier(Tier):
         self._backlog.push_segment(seg)
         self._work.notify_all()
 
-    def upload_segment_file(self, path: str | Path, entries: Sequence[SegmentEntry]) -> str:
-        """Upload a sealed segment file (e.g. the disk tier's) as-is, then its manifest built from ``entries``.
+    def upload_segment_file(self, path: str | Path, entries: Sequence[SealedRecord]) -> str:
+        """Upload a sealed segment file (e.g. the disk tier's) as-is, then its manifest built from ``entries``
+        (:class:`SegmentEntry` or the disk tier's entries, which have the same fields).
 
         Synchronous: returns the new segment id once both objects are in the store; the blocks are then served by
         this tier. Raises ``TierUnavailableError``/``StoreError`` if the upload fails (nothing changes then).
@@ -329,13 +342,13 @@ class ObjectTier(Tier):
         path = Path(path)
         size = path.stat().st_size
         for e in entries:
-            if e.offset < 0 or e.offset + e.length > size or e.payload_len > e.length:
+            if e.offset + e.record_len > size:
                 raise ValueError(
-                    f"segment entry for {e.key} at [{e.offset}, +{e.length}) lies outside {path} ({size} B)"
+                    f"segment entry for {e.key} at [{e.offset}, +{e.record_len}) lies outside {path} ({size} B)"
                 )
         with self._lock:
             segment_id = new_object_id(self._next_stamp())
-            stamped = [e if e.stored_ns else _restamp(e, self._next_stamp()) for e in entries]
+            stamped = [_as_entry(e, self._next_stamp()) for e in entries]
         manifest = encode_manifest(stamped, segment_id=segment_id, segment_bytes=size)
         with self._upload_lock:
             try:
@@ -408,7 +421,7 @@ class ObjectTier(Tier):
             if located is None or located.segment_id in self._pending:
                 return None
         e = located.entry
-        return ObjectLocation(self._object_key(SEGMENTS, located.segment_id), e.offset, e.length)
+        return ObjectLocation(self._object_key(SEGMENTS, located.segment_id), e.offset, e.record_len)
 
     def _lookup(self, key: BlockKey) -> tuple[Located | None, bytes | None]:
         """The key's location and, if its segment is still in memory, a copy of its record."""
@@ -421,7 +434,7 @@ class ObjectTier(Tier):
             if seg is None:
                 return located, None
             e = located.entry
-            return located, bytes(seg.data[e.offset : e.offset + e.length])
+            return located, bytes(seg.data[e.offset : e.offset + e.record_len])
 
     def get(self, key: BlockKey) -> Block | None:
         located, record = self._lookup(key)
@@ -432,7 +445,7 @@ class ObjectTier(Tier):
                 return None
             try:
                 record = self._store.get_range(self._object_key(SEGMENTS, located.segment_id),
-                                               located.entry.offset, located.entry.length)  # fmt: skip
+                                               located.entry.offset, located.entry.record_len)  # fmt: skip
             except StoreError as exc:
                 self._read_failed(exc, 1)
                 return None
@@ -447,14 +460,14 @@ class ObjectTier(Tier):
         try:
             header = decode_header(record)
             _check_header_matches(header, key, located.entry)
-            block = decode_record(record[: located.entry.length])
+            block = decode_record(record[: located.entry.record_len])
         except RecordError as exc:
             log.warning("object tier: corrupt record for %s in segment %s: %s", key, located.segment_id, exc)
             self._lost(key, located, corrupt=True)
             return None
         with self._lock:
             self._stats.hits += 1
-            self._stats.bytes_read += located.entry.length
+            self._stats.bytes_read += located.entry.record_len
         return block
 
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
@@ -473,7 +486,7 @@ class ObjectTier(Tier):
         if not self._may_read():
             return None
         e = located.entry
-        header_buf = bytearray(e.length - e.payload_len)
+        header_buf = bytearray(e.header_len)
         try:
             got = self._store.read_range_into(
                 self._object_key(SEGMENTS, located.segment_id), e.offset, [memoryview(header_buf), dst]
@@ -486,8 +499,8 @@ class ObjectTier(Tier):
             self._lost(key, located, corrupt=False)
             return None
         try:
-            if got < e.length:
-                raise TruncatedRecordError(f"segment {located.segment_id} ends {e.length - got} bytes into {key}")
+            if got < e.record_len:
+                raise TruncatedRecordError(f"segment {located.segment_id} ends {e.record_len - got} bytes into {key}")
             header = decode_header(header_buf)
             _check_header_matches(header, key, e)
             verify_payload(header, dst)
@@ -497,7 +510,7 @@ class ObjectTier(Tier):
             return None
         with self._lock:
             self._stats.hits += 1
-            self._stats.bytes_read += e.length
+            self._stats.bytes_read += e.record_len
         return header.meta
 
     def get_many(self, keys: Iterable[BlockKey]) -> list[Block | None]:
@@ -533,18 +546,18 @@ class ObjectTier(Tier):
         for m in members:
             e = m[2].entry
             if runs and e.offset - end <= self.config.coalesce_gap_bytes and \
-                    max(end, e.offset + e.length) - start <= self.config.max_range_bytes:  # fmt: skip
+                    max(end, e.offset + e.record_len) - start <= self.config.max_range_bytes:  # fmt: skip
                 runs[-1].append(m)
-                end = max(end, e.offset + e.length)
+                end = max(end, e.offset + e.record_len)
             else:
                 runs.append([m])
-                start, end = e.offset, e.offset + e.length
+                start, end = e.offset, e.offset + e.record_len
         return runs
 
     def _fetch_range(self, run: list[tuple[int, BlockKey, Located]], out: list[Block | None]) -> None:
         segment_id = run[0][2].segment_id
         start = run[0][2].entry.offset
-        end = max(m[2].entry.offset + m[2].entry.length for m in run)
+        end = max(m[2].entry.offset + m[2].entry.record_len for m in run)
         try:
             data = self._store.get_range(self._object_key(SEGMENTS, segment_id), start, end - start)
         except StoreError as exc:
@@ -558,7 +571,7 @@ class ObjectTier(Tier):
         view = memoryview(data)
         for i, key, located in run:
             rel = located.entry.offset - start
-            out[i] = self._checked(key, located, view[rel : rel + located.entry.length])
+            out[i] = self._checked(key, located, view[rel : rel + located.entry.record_len])
 
     def _may_read(self, n: int = 1, gets: int = 1) -> bool:
         """False (and ``n`` misses counted) while the store is known to be down and not yet due for a retry;
@@ -796,12 +809,16 @@ def _object_id(object_key: str) -> str:
     return object_key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def _restamp(entry: SegmentEntry, stamp: int) -> SegmentEntry:
-    return SegmentEntry(entry.meta, entry.offset, entry.length, entry.payload_len, entry.checksum, stamp)
+def _as_entry(sealed: SealedRecord, stamp: int) -> SegmentEntry:
+    """One of ours from anything shaped like it (the disk tier's entries), stamped now unless it carries a stamp."""
+    stored_ns = getattr(sealed, "stored_ns", 0) or stamp
+    return SegmentEntry(
+        sealed.key, sealed.offset, sealed.record_len, sealed.header_len, sealed.checksum, sealed.meta, stored_ns
+    )
 
 
 def _check_header_matches(header: RecordHeader, key: BlockKey, entry: SegmentEntry) -> None:
     """The record found is the one the manifest promised (not a valid record of some other block)."""
-    if (header.meta != entry.meta or header.meta.key != key or header.record_len != entry.length
+    if (header.meta != entry.meta or header.meta.key != key or header.record_len != entry.record_len
             or header.payload_checksum != entry.checksum):  # fmt: skip
         raise MalformedRecordError(f"record at offset {entry.offset} is not the manifest's record for {key}")
