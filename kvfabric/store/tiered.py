@@ -174,7 +174,7 @@ class TieredStore:
         for key in victims:
             with self._stripe(key):
                 self._remove_everywhere(key)
-            self._counters.quota_evictions += 1
+            self._count("quota_evictions")
         for i, block in enumerate(ready):
             try:
                 with self._stripe(block.key):
@@ -216,15 +216,8 @@ class TieredStore:
         self._check_open()
         block = self._ram.get(key)
         if block is None:
-            found = self._read_lower(key)
-            if found is None:
-                return None
-            block, source = found
-            if self._expired(block.meta):
-                self._expire(key)
-                return None
-            self._promote(block, source, force=False)
-        elif self._expired(block.meta):
+            return self._get_below(key)
+        if self._expired(block.meta):
             self._expire(key)
             return None
         self._touch(key)
@@ -243,7 +236,7 @@ class TieredStore:
                 return None
             self._touch(key)
             return meta
-        block = self.get(key)
+        block = self._get_below(key)
         if block is None:
             return None
         dst = memoryview(out).cast("B")
@@ -259,7 +252,7 @@ class TieredStore:
             try:
                 meta = tier.head(key)
             except TierUnavailableError:
-                self._counters.unavailable += 1
+                self._count("unavailable")
                 continue
             if meta is not None:
                 if self._expired(meta):
@@ -378,7 +371,7 @@ class TieredStore:
             try:
                 keys = list(tier.keys())
             except TierUnavailableError:
-                self._counters.unavailable += 1
+                self._count("unavailable")
                 continue
             for key in keys:
                 if key in seen:
@@ -463,11 +456,11 @@ class TieredStore:
             return self._catalog.stats()
 
     def store_stats(self) -> StoreStats:
-        c = self._counters
         pending = {t.tier_id: self._ram.dirty_count(t.tier_id) for t in self._lower}
         with self._lock:
             for tier_id, queue in self._backlog.items():
                 pending[tier_id] += len(queue)
+            c = replace(self._counters)
         return StoreStats(
             c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
             c.writeback_dropped, c.flush_errors, c.unavailable, c.last_flush_error,
@@ -563,7 +556,7 @@ class TieredStore:
                 except TierUnavailableError:
                     if not tier.capabilities.shared:
                         raise
-                    self._counters.unavailable += 1  # a shared tier that is down degrades to write-back
+                    self._count("unavailable")  # a shared tier that is down degrades to write-back
             (queued if held_below else dirty).append(tier.tier_id)
         try:
             self._ram.put(block, dirty=frozenset(dirty))
@@ -590,7 +583,7 @@ class TieredStore:
         backlog.move_to_end(key)
         while len(backlog) > self.config.writeback_backlog_max:
             backlog.popitem(last=False)
-            self._counters.writeback_dropped += 1
+            self._counters.writeback_dropped += 1  # the store lock is held here
 
     def _after_write(self) -> None:
         high = self.config.ram_high_watermark * self._ram.capacity_bytes
@@ -621,7 +614,7 @@ class TieredStore:
             else:
                 tier.put(block)
                 held_below = True
-                self._counters.demotions += 1
+                self._count("demotions")
         if not held_below and not self._held_below(key):
             with self._lock:
                 self._catalog.remove(key)  # it has left the store
@@ -636,12 +629,25 @@ class TieredStore:
         return False
 
     # --- the read path ---------------------------------------------------------------------------------------------
+    def _get_below(self, key: BlockKey) -> Block | None:
+        """A RAM miss: read the nearest lower tier holding ``key`` and promote the block."""
+        found = self._read_lower(key)
+        if found is None:
+            return None
+        block, source = found
+        if self._expired(block.meta):
+            self._expire(key)
+            return None
+        self._promote(block, source, force=False)
+        self._touch(key)
+        return block
+
     def _read_lower(self, key: BlockKey) -> tuple[Block, Tier] | None:
         for tier in self._lower:
             try:
                 block = tier.get(key)
             except TierUnavailableError:
-                self._counters.unavailable += 1
+                self._count("unavailable")
                 continue
             if block is not None:
                 return block, tier
@@ -651,7 +657,7 @@ class TieredStore:
         """Copy a block read from ``source`` into RAM (and the tiers between); ``True`` if RAM has it now."""
         key = block.key
         if not force and not self._ram.admits(block.meta):
-            self._counters.promotions_refused += 1
+            self._count("promotions_refused")
             return False
         with self._stripe(key):
             if self._ram.contains(key):
@@ -670,7 +676,7 @@ class TieredStore:
                 self._ram.put(block)
             except TierFullError:
                 return False
-        self._counters.promotions += 1
+        self._count("promotions")
         return True
 
     def _touch(self, key: BlockKey) -> None:
@@ -715,7 +721,7 @@ class TieredStore:
                         return 0
                     break
             self._remove_everywhere(key)
-        self._counters.expired += 1
+        self._count("expired")
         return 1
 
     def _evict_from_lower(self, tier: Tier, meta: BlockMeta) -> int:
@@ -732,7 +738,7 @@ class TieredStore:
             if block is not None:
                 for target in waiting:
                     target.put(block)
-                    self._counters.demotions += 1
+                    self._count("demotions")
         if not tier.delete(key):
             return 0
         if not any(t.contains(key) for t in self._tiers if t is not tier):
@@ -748,7 +754,7 @@ class TieredStore:
             try:
                 keys.update(k for k in tier.keys(namespace) if model is None or k.model == model)
             except TierUnavailableError:
-                self._counters.unavailable += 1
+                self._count("unavailable")
         return sorted(keys, key=BlockKey.to_bytes)
 
     # --- write-back draining ---------------------------------------------------------------------------------------
@@ -760,8 +766,7 @@ class TieredStore:
                 self._drain_dirty(tier, max_version)
                 self._drain_backlog(tier)
             except KVFabricError as exc:
-                self._counters.flush_errors += 1
-                self._counters.last_flush_error = f"{tier.tier_id}: {exc}"
+                self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
                 first = first or exc
         return first
 
@@ -806,7 +811,7 @@ class TieredStore:
         if block is None:
             block = self._ram.peek(key)
         if block is None:
-            self._counters.writeback_dropped += 1  # deleted everywhere above meanwhile: nothing to copy
+            self._count("writeback_dropped")  # deleted everywhere above meanwhile: nothing to copy
             return
         tier.put(block)
 
@@ -826,12 +831,18 @@ class TieredStore:
                     self.expire()
                     next_expiry = time.monotonic() + max(interval, 1.0) * 10
             except Exception as exc:  # keep the flusher alive; the error is counted and visible in store_stats
-                self._counters.flush_errors += 1
-                self._counters.last_flush_error = repr(exc)
+                self._count("flush_errors", error=repr(exc))
                 error = exc
             wait = interval if error is None else min(wait * 2, MAX_FLUSH_BACKOFF_S)
 
     # --- plumbing --------------------------------------------------------------------------------------------------
+    def _count(self, counter: str, *, error: str | None = None) -> None:
+        """Bump a store counter (callers do not hold the store lock)."""
+        with self._lock:
+            setattr(self._counters, counter, getattr(self._counters, counter) + 1)
+            if error is not None:
+                self._counters.last_flush_error = error
+
     def _stripe(self, key: BlockKey) -> threading.Lock:
         return self._stripes[int.from_bytes(key.prefix[:4], "little") % N_STRIPES]
 
@@ -853,7 +864,7 @@ class TieredStore:
                     if key not in metas and (meta := tier.head(key)) is not None:
                         metas[key] = meta
             except TierUnavailableError:
-                self._counters.unavailable += 1
+                self._count("unavailable")
         for meta in sorted(metas.values(), key=lambda m: m.created_ms):
             self._catalog.add(meta.key, meta.nbytes)
 
