@@ -79,13 +79,14 @@ class MemoryTier(Tier):
         shm_dir: str | os.PathLike[str] | None = "/dev/shm",
         alignment: int = DEFAULT_ALIGNMENT,
         on_evict: EvictCallback | None = None,
+        prefault: bool = False,
     ) -> None:
         super().__init__(tier_id, source=source, events=events)
         if capacity_bytes <= 0:
             raise ValueError(f"RAM tier capacity must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self.on_evict = on_evict
-        self._arena = Arena(capacity_bytes, shm_dir=shm_dir, alignment=alignment)
+        self._arena = Arena(capacity_bytes, shm_dir=shm_dir, alignment=alignment, prefault=prefault)
         self._policy = policy if policy is not None else LRUPolicy()
         self._lock = threading.Lock()
         self._slots: dict[BlockKey, _Slot] = {}
@@ -377,7 +378,7 @@ class MemoryTier(Tier):
             raise StoreError(f"tier {self.tier_id} is closed")
 
     def _is_held(self, slot: _Slot) -> bool:
-        return slot.leases > 0 or slot.meta.key in self._pins
+        return slot.leases > 0 or (bool(self._pins) and slot.meta.key in self._pins)
 
     def _touch(self, slot: _Slot) -> None:
         self._policy.accessed(slot.meta.key)

@@ -131,7 +131,7 @@ class TieredStore:
             config.data_dir.mkdir(parents=True, exist_ok=True)
         ram = MemoryTier(
             config.ram_bytes, source=config.node_id, events=events, policy=make_policy(config.ram_policy),
-            shm_dir=config.shm_dir,
+            shm_dir=config.shm_dir, prefault=config.ram_prefault,
         )  # fmt: skip
         lower: list[Tier] = []
         try:
