@@ -56,6 +56,16 @@ from kvfabric.store.tier import Tier, TierStats
 N_STRIPES = 64
 FLUSH_BATCH = 64
 MAX_FLUSH_BACKOFF_S = 30.0
+ROOM_FRACTION = 16
+
+
+class _LowerTierFull(Exception):
+    """A lower tier that does not evict by itself refused a write for want of space (internal to the store)."""
+
+    def __init__(self, tier: Tier, error: TierFullError) -> None:
+        super().__init__(str(error))
+        self.tier = tier
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,7 @@ class StoreStats:
     writeback_dropped: int
     flush_errors: int
     unavailable: int
+    room_made: int
     last_flush_error: str | None
 
 
@@ -84,6 +95,7 @@ class _Counters:
     writeback_dropped: int = 0  # queued copies skipped: backlog overflow, or no source left to copy from
     flush_errors: int = 0
     unavailable: int = 0  # reads/writes a shared tier could not serve (degraded to a miss / a queued write)
+    room_made: int = 0  # times a full lower tier (disk) was evicted and compacted to take a write
     last_flush_error: str | None = None
 
 
@@ -177,8 +189,7 @@ class TieredStore:
             self._count("quota_evictions")
         for i, block in enumerate(ready):
             try:
-                with self._stripe(block.key):
-                    self._write(block)
+                self._write_making_room(block)
             except BaseException:
                 self._unreserve(undo[i:])
                 raise
@@ -410,10 +421,14 @@ class TieredStore:
 
     def start(self) -> None:
         """Start the background thread that drains write-back queues, keeps RAM under its high watermark and
-        sweeps expired blocks. Stopped by :meth:`close`."""
+        sweeps expired blocks, and the lower tiers' own background work. Stopped by :meth:`close`."""
         self._check_open()
         if self._flusher is not None:
             return
+        for tier in self._lower:
+            start = getattr(tier, "start", None)  # tiers with their own background work (the object uploader)
+            if callable(start):
+                start()
         self._flusher = threading.Thread(target=self._background, name="kvfabric-store-flusher", daemon=True)
         self._flusher.start()
 
@@ -463,7 +478,7 @@ class TieredStore:
             c = replace(self._counters)
         return StoreStats(
             c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
-            c.writeback_dropped, c.flush_errors, c.unavailable, c.last_flush_error,
+            c.writeback_dropped, c.flush_errors, c.unavailable, c.room_made, c.last_flush_error,
         )  # fmt: skip
 
     @property
@@ -539,6 +554,32 @@ class TieredStore:
                     self._catalog.add(key, previous)
 
     # --- the write path (caller holds the key's stripe) ------------------------------------------------------------
+    def _write_making_room(self, block: Block) -> None:
+        """:meth:`_write` under the key's stripe; if a lower tier that refuses writes when full (disk) is full,
+        make room there (outside the stripe: eviction takes other keys' stripes) and try once more."""
+        try:
+            with self._stripe(block.key):
+                self._write(block)
+            return
+        except _LowerTierFull as full:
+            self._make_room(full.tier, block.meta.nbytes)
+        try:
+            with self._stripe(block.key):
+                self._write(block)
+        except _LowerTierFull as full:
+            raise full.error from None
+
+    def _make_room(self, tier: Tier, nbytes: int) -> None:
+        """Evict a full lower tier's oldest unpinned blocks (copying down what tiers below still wait for), a
+        1/``ROOM_FRACTION`` of its capacity at a time so a full disk is not compacted on every put, then compact
+        it so the space is really reclaimed."""
+        capacity = tier.stats().capacity_bytes or 0
+        self.evict(tier.tier_id, max(nbytes, capacity // ROOM_FRACTION))
+        compact = getattr(tier, "compact", None)
+        if callable(compact):
+            compact()
+        self._count("room_made")
+
     def _write(self, block: Block) -> None:
         """Write-through tiers first (nearest first), then RAM with the write-back tiers it must feed as dirty.
 
@@ -550,7 +591,7 @@ class TieredStore:
         for tier in self._lower:
             if self._write_policy[tier.tier_id] == WRITE_THROUGH:
                 try:
-                    tier.put(block)
+                    self._put_lower(tier, block)
                     held_below = True
                     continue
                 except TierUnavailableError:
@@ -569,12 +610,20 @@ class TieredStore:
                 if held_below:
                     queued.append(tier_id)
                 else:
-                    self._by_id[tier_id].put(block)
+                    self._put_lower(self._by_id[tier_id], block)
                     held_below = True
         if queued:
             with self._lock:
                 for tier_id in queued:
                     self._queue(tier_id, block.key)
+
+    def _put_lower(self, tier: Tier, block: Block) -> None:
+        try:
+            tier.put(block)
+        except TierFullError as exc:
+            if tier.capabilities.evicts:
+                raise
+            raise _LowerTierFull(tier, exc) from exc
 
     def _queue(self, tier_id: TierId, key: BlockKey) -> None:
         """Backlog ``key`` for ``tier_id`` (caller holds the store lock), dropping the oldest past the bound."""
@@ -762,12 +811,21 @@ class TieredStore:
         """Copy pending write-back blocks down, nearest tier first; the first error (the rest was tried)."""
         first: KVFabricError | None = None
         for tier in self._lower:
-            try:
-                self._drain_dirty(tier, max_version)
-                self._drain_backlog(tier)
-            except KVFabricError as exc:
-                self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
-                first = first or exc
+            for attempt in range(2):
+                try:
+                    self._drain_dirty(tier, max_version)
+                    self._drain_backlog(tier)
+                    break
+                except TierFullError as exc:
+                    if attempt == 0 and not tier.capabilities.evicts:
+                        self._make_room(tier, 0)  # a full disk: evict its oldest and try again
+                        continue
+                    self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                    first = first or exc
+                except KVFabricError as exc:
+                    self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                    first = first or exc
+                    break
         return first
 
     def _drain_dirty(self, tier: Tier, max_version: int) -> None:
