@@ -165,16 +165,27 @@ class HFAdapter:
         usable = (len(tokens) - 1) // bs * bs  # the last token must run through the model to give logits
         if usable <= 0:
             return None, 0
+        prefix = list(tokens[:usable])
         try:
             self._ensure_registered()
-            kv = self.client.get(self.spec, list(tokens[:usable]))
+            found = self.client.lookup(self.spec, prefix).blocks
+            if found == 0:
+                return None, 0
+            hashes = self.client.block_hashes(self.spec, prefix)[:found]
+            kv = torch.empty((found, *self.spec.block_shape), dtype=torch_dtype(self.spec.dtype))
+            got = self.client.get_blocks(self.spec, hashes, [kv[i] for i in range(found)])
         except KVFabricError as exc:
-            log.warning("kvfabric fetch failed for a %d-token prompt, recomputing: %s", len(tokens), exc)
+            log.warning("kvfabric fetch failed for a %d-token prompt, recomputing it: %s", len(tokens), exc)
             return None, 0
-        if kv is None or len(kv) == 0:
+        n = next((i for i, g in enumerate(got) if g is None), found)
+        if n < found:
+            log.warning(
+                "kvfabric: block %d of %d was missing or corrupt when fetched; recomputing from token %d",
+                n, found, n * bs,
+            )  # fmt: skip
+        if n == 0:
             return None, 0
-        kv = torch.as_tensor(kv)
-        return blocks_to_cache(kv, self.model.config, self._device), kv.shape[0] * bs
+        return blocks_to_cache(kv[:n], self.model.config, self._device), n * bs
 
     def publish(self, tokens: Sequence[int], cache: DynamicCache, first_block: int = 0) -> int:
         """Store the full blocks of ``tokens`` from ``first_block`` on, taken from ``cache``; returns blocks stored.

@@ -1,10 +1,11 @@
-"""One vLLM engine in a fresh process: greedy generation for the prompts in a JSON file, results as JSON on stdout.
+"""A vLLM engine (CPU or GPU) whose KV goes to and comes from ``kvfabric serve`` through the KV connector.
 
-    python -m tests.engines.vllm_engine MODEL_DIR PROMPTS.json [--url URL --token TOKEN] [--max-tokens N]
+    python examples/vllm_worker.py MODEL_DIR PROMPTS.json --url URL [--token T] [--kv-role kv_producer|...]
 
-Without ``--url`` the engine runs with no KV connector (the reference). Each prompt is generated in its own
-``generate`` call, in order, so a later prompt can reuse what an earlier one stored. Output: one line
-``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``.
+Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order.
+``--kv-role kv_producer`` makes a prefill worker (saves only), ``kv_consumer`` a decode worker (loads only),
+``kv_both`` (default) does both. Without ``--url`` the engine runs with no connector (the reference).
+Output: one line ``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> int:
     parser.add_argument("--url")
     parser.add_argument("--token")
     parser.add_argument("--tenant")
+    parser.add_argument("--kv-role", default="kv_both", choices=["kv_both", "kv_producer", "kv_consumer"])
+    parser.add_argument("--model-name", default="random-llama", help="name the KV is stored under")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="disable vLLM's own prefix cache")
     parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
 
@@ -49,7 +53,7 @@ def main() -> int:
 
     transfer = None
     if args.url:
-        extra = {"url": args.url, "model": "tiny-random-llama"}
+        extra = {"url": args.url, "model": args.model_name}
         if args.token:
             extra["token"] = args.token
         if args.tenant:
@@ -57,7 +61,7 @@ def main() -> int:
         transfer = KVTransferConfig(
             kv_connector="KVFabricConnector",
             kv_connector_module_path="kvfabric.client.vllm",
-            kv_role="kv_both",
+            kv_role=args.kv_role,
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=extra,
         )
@@ -69,7 +73,7 @@ def main() -> int:
         skip_tokenizer_init=True,
         max_model_len=max(len(p) for p in prompts) + args.max_tokens + 16,
         max_num_batched_tokens=max(len(p) for p in prompts) + args.max_tokens + 16,
-        enable_prefix_caching=True,
+        enable_prefix_caching=not args.no_prefix_cache,
         enforce_eager=True,  # no torch.compile: engine start in seconds, not minutes
         kv_transfer_config=transfer,
         seed=0,
