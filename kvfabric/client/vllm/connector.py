@@ -135,21 +135,21 @@ class KVFabricConnector(KVConnectorBase_V1):
     # --- scheduler side ------------------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         prompt = tuple(request.prompt_token_ids or ())
-        usable = self._planner.usable_blocks(len(prompt)) * self._spec.block_size
         fabric_blocks = 0
-        if usable > 0:
+        if len(prompt) >= self._spec.block_size:
             try:
                 self._ready()
-                fabric_blocks = self._client.lookup(self._spec, list(prompt[:usable])).blocks
+                fabric_blocks = self._client.lookup(self._spec, list(prompt)).blocks
             except KVFabricError as exc:
                 log.warning(
                     "kvfabric: lookup for request %s failed, computing its %d prompt tokens: %s",
                     request.request_id, len(prompt), exc,
                 )  # fmt: skip
         to_load = self._planner.on_lookup(request.request_id, prompt, fabric_blocks, num_computed_tokens)
+        usable = min(fabric_blocks, self._planner.usable_blocks(len(prompt))) * self._spec.block_size
         log.info(
             "kvfabric: request %s matched %d of %d prompt tokens (engine cache %d, loading %d)",
-            request.request_id, fabric_blocks * self._spec.block_size, len(prompt), num_computed_tokens, to_load,
+            request.request_id, usable, len(prompt), num_computed_tokens, to_load,
         )  # fmt: skip
         return to_load, False
 

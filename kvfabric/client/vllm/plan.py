@@ -51,7 +51,7 @@ class StepPlan:
 @dataclass(slots=True)
 class _Request:
     prompt: tuple[int, ...]
-    fabric_blocks: int  # leading prompt blocks the fabric held at lookup
+    fabric_blocks: int  # leading prompt blocks the fabric held at lookup that a load may cover
     saved_blocks: int  # leading prompt blocks stored, or queued for saving, in the fabric
     block_ids: list[int] = field(default_factory=list)
     load: LoadSpec | None = None
@@ -77,9 +77,9 @@ class StepPlanner:
 
     def on_lookup(self, req_id: str, prompt: tuple[int, ...], fabric_blocks: int, computed_tokens: int) -> int:
         """Record what the fabric holds; return the tokens to load beyond the engine's ``computed_tokens``."""
-        fabric_blocks = min(fabric_blocks, self.usable_blocks(len(prompt)))
-        self._requests[req_id] = _Request(prompt, fabric_blocks, saved_blocks=fabric_blocks)
-        matched = fabric_blocks * self.block_size
+        loadable = min(fabric_blocks, self.usable_blocks(len(prompt)))
+        self._requests[req_id] = _Request(prompt, loadable, saved_blocks=fabric_blocks)
+        matched = loadable * self.block_size
         return matched - computed_tokens if self.load_enabled and matched > computed_tokens else 0
 
     def on_alloc(self, req_id: str, block_ids: list[int], external_tokens: int) -> None:
