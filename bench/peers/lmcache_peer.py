@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.peers.processes import ServerProcess, bench_executable, client_env, free_port, run_client
-from bench.peers.result import PeerMeasurement, measurement_from_dict, measurement_from_times
+from bench.peers.result import PeerMeasurement, check_request, measurement_from_dict, measurement_from_times
 
 PEER = "lmcache"
 CHUNK_TOKENS = 256  # LMCache's default chunk_size
@@ -33,6 +33,7 @@ def chunk_shape(size: int) -> tuple[int, int, int, int, int]:
 
 def measure(size: int, count: int, rounds: int = 3) -> PeerMeasurement:
     """Start LMCache's server, move ``count`` blocks of ``size`` bytes through it from another process, stop it."""
+    check_request(size, count, rounds)
     chunk_shape(size)  # refuse a size LMCache cannot shape before starting anything
     python = bench_executable(PEER, "python")
     port = free_port()

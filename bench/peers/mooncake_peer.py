@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.peers.processes import ServerProcess, bench_executable, free_port, run_client
-from bench.peers.result import PeerMeasurement, measurement_from_dict, measurement_from_times
+from bench.peers.result import PeerMeasurement, check_request, measurement_from_dict, measurement_from_times
 
 PEER = "mooncake"
 MIB = 1 << 20
@@ -31,6 +31,7 @@ def segment_bytes(size: int, count: int) -> int:
 
 def measure(size: int, count: int, rounds: int = 3) -> PeerMeasurement:
     """Start the Mooncake metadata server, master and store process; drive them from another process; stop them."""
+    check_request(size, count, rounds)
     metadata_server = bench_executable(PEER, "mooncake_http_metadata_server")
     master = bench_executable(PEER, "mooncake_master")
     store = bench_executable(PEER, "mooncake_client")

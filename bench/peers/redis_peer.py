@@ -13,7 +13,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.peers.processes import INSTALL_HINT, ServerProcess, free_port, run_client
-from bench.peers.result import PeerMeasurement, PeerUnavailableError, measurement_from_dict, measurement_from_times
+from bench.peers.result import (
+    PeerMeasurement,
+    PeerUnavailableError,
+    check_request,
+    measurement_from_dict,
+    measurement_from_times,
+)
 
 PEER = "redis"
 KEY_PREFIX = "kvfabric-bench:"
@@ -22,6 +28,7 @@ BUFFER_CUTOFF = 6000  # redis-py's default: values larger than this are sent as 
 
 def measure(size: int, count: int, rounds: int = 3) -> PeerMeasurement:
     """Start redis-server, move ``count`` blocks of ``size`` bytes through it from another process, stop it."""
+    check_request(size, count, rounds)
     binary = shutil.which("redis-server")
     if binary is None:
         raise PeerUnavailableError(PEER, f"redis-server is not on PATH: {INSTALL_HINT} (it apt-installs it)")

@@ -42,6 +42,13 @@ class PeerMeasurement:
         return asdict(self)
 
 
+def check_request(size: int, count: int, rounds: int) -> None:
+    """Refuse a measurement that cannot mean anything, before any server is started."""
+    for name, value in (("size", size), ("count", count), ("rounds", rounds)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
 def gibps(nbytes: int, seconds: float) -> float:
     return nbytes / GIB / seconds
 

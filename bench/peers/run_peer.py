@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         except PeerUnavailableError as exc:
             line = {"peer": peer, "size": args.size, "count": args.count, "error": exc.reason}
             status = 1
+        except ValueError as exc:  # a size, count or rounds this peer cannot measure
+            line = {"peer": peer, "size": args.size, "count": args.count, "error": str(exc)}
+            status = 1
         print(json.dumps(line), flush=True)
     return status
 

@@ -55,6 +55,12 @@ def test_source_blocks_are_the_same_bytes_for_every_peer() -> None:
     assert source_blocks(1024, 4).nbytes == 4096
 
 
+@pytest.mark.parametrize("peer", [redis_peer, mooncake_peer, lmcache_peer], ids=lambda m: m.PEER)
+def test_an_empty_request_is_refused_before_anything_starts(peer) -> None:
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        peer.measure(size=1 << 20, count=0)
+
+
 def test_lmcache_chunk_shape_holds_exactly_one_block() -> None:
     layers, kv, tokens, heads, head_dim = lmcache_peer.chunk_shape(1 << 20)
     assert layers * kv * tokens * heads * head_dim == 1 << 20
