@@ -146,7 +146,8 @@ class GetPlan:
         if self.on_chunk is not None and self.chunks > 1 and (index + 1) % self._found == 0:
             self.on_chunk(index // self._found)
 
-    def finish(self) -> list[fr.WireMeta | None]:
+    def finish(self, reply: fr.Blocks) -> list[fr.WireMeta | None]:
+        self.metas = reply.metas
         if self.error is not None:
             raise ClientError(str(self.error)) from self.error
         for dest, meta in zip(self.dests, self.metas, strict=False):

@@ -237,8 +237,7 @@ class Client:
         reply = conn.request(
             fr.encode_get(conn.next_id(), fp, hashes, chunks), sink=plan.sink, on_segment=plan.on_segment, what="get"
         )
-        expect(reply, fr.Blocks, "get")
-        return plan.finish()
+        return plan.finish(expect(reply, fr.Blocks, "get"))
 
     def _get_leased(
         self, conn: SyncConnection, fp: bytes, hashes: list[PrefixHash], dests: Sequence[Destination | None]

@@ -202,8 +202,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- asyncio callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=0)  # resume_writing() then means "everything written was sent"
         self.peer = transport.get_extra_info("peername")
         self.server._connections.add(self)
