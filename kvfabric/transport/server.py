@@ -192,6 +192,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.peer: object = None
         self.receiver = FrameReceiver(server.config.limits, self._on_frame, self._on_payload_done)
         self.closed = False
+        self.tls = False
         self._put_buffers: dict[int, list[np.ndarray]] = {}  # request id -> buffers its payload lands in
         self._put_errors: dict[int, Exception] = {}
         self._client_leases: dict[int, StoreLease] = {}  # shm/NIXL leases the client holds
@@ -203,7 +204,11 @@ class _Connection(asyncio.BufferedProtocol):
     # --- asyncio callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=0)  # resume_writing() then means "everything written was sent"
+        # TLS encrypts payloads into its own buffers (we hand it copies); for plain TCP the transport sends from our
+        # memory, and a high-water mark of 0 makes resume_writing() mean "everything written was sent".
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        if not self.tls:
+            transport.set_write_buffer_limits(high=0)
         self.peer = transport.get_extra_info("peername")
         self.server._connections.add(self)
         self.counters.connections += 1
@@ -457,6 +462,12 @@ class _Connection(asyncio.BufferedProtocol):
     def _send(self, head: bytes, payload: Sequence[memoryview] = (), leases: Sequence[StoreLease] = ()) -> None:
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
+            for lease in leases:
+                self.store.release(lease)
+            return
+        if payload and self.tls:
+            transport.writelines([head, *(bytes(p) for p in payload)])
+            self.counters.bytes_sent += len(head) + sum(len(p) for p in payload)
             for lease in leases:
                 self.store.release(lease)
             return

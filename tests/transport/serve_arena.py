@@ -16,7 +16,8 @@ from tests.transport.arena_store import ArenaStore
 async def main(args: argparse.Namespace) -> None:
     store = ArenaStore(slots=args.slots, slot_bytes=args.slot_bytes)
     tokens = dict(pair.split("=", 1) for pair in args.token)
-    server = FabricServer(store, ServerConfig(port=0, server_secret=b"test-secret" * 3, tokens=tokens))
+    config = ServerConfig(port=0, server_secret=b"test-secret" * 3, tokens=tokens, nixl=args.nixl)
+    server = FabricServer(store, config)
     await server.start()
     print(READY_LINE.format(host="127.0.0.1", port=server.port), flush=True)
     stop = asyncio.Event()
@@ -31,6 +32,7 @@ if __name__ == "__main__":
     parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--slot-bytes", type=int, default=1 << 20)
     parser.add_argument("--token", action="append", default=[])
+    parser.add_argument("--nixl", action="store_true")
     logging.basicConfig(level=logging.WARNING)
     import uvloop
 

@@ -85,10 +85,13 @@ def process_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"listening on [\d.]+:(\d+)", line)
-        if not match:
-            raise RuntimeError(f"test server did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        seen = []
+        for line in proc.stdout:  # native libraries may log to stdout before the ready line
+            seen.append(line)
+            if match := re.search(r"listening on [\d.]+:(\d+)", line):
+                break
+        else:
+            raise RuntimeError(f"test server exited before listening: {''.join(seen)}")
         yield proc, int(match.group(1))
     finally:
         proc.terminate()
