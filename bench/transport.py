@@ -195,37 +195,37 @@ def bench_size(url: str, raw_port: int, size: int, seconds: float, log: Callable
             assert got is not None and np.array_equal(got, blocks[k]), f"tcp get of block {k} differs from its put"
         rows += peer_rows(spec, blocks, get_v, size, seconds, log)
 
-    with Client(url, shm=True, pool_size=1, timeout=60) as shm:
-        if shm.transport != "shm":
-            log("get_shm skipped: the server did not offer shared memory")
-        else:
-            def get_shm() -> int:
-                shm.get_blocks(spec, [hashes[next(i) % BLOCKS_PER_SIZE]], [out])
-                return size
+        with Client(url, shm=True, pool_size=1, timeout=60) as shm:
+            if shm.transport != "shm":
+                log("get_shm skipped: the server did not offer shared memory")
+            else:
+                def get_shm() -> int:
+                    shm.get_blocks(spec, [hashes[next(i) % BLOCKS_PER_SIZE]], [out])
+                    return size
 
-            src = blocks[0].copy()
+                src = blocks[0].copy()
 
-            def memcpy() -> int:
-                np.copyto(out, src)
-                return size
+                def memcpy() -> int:
+                    np.copyto(out, src)
+                    return size
 
-            rows.append(row("get_shm", size, "memcpy", rate(get_shm, seconds), rate(memcpy, seconds)))
-            for k, h in enumerate(hashes):
-                got = shm.get_blocks(spec, [h])[0]
-                assert got is not None and np.array_equal(got, blocks[k]), f"shm get of block {k} differs"
+                rows.append(row("get_shm", size, "memcpy", rate(get_shm, seconds), rate(memcpy, seconds)))
+                for k, h in enumerate(hashes):
+                    got = shm.get_blocks(spec, [h])[0]
+                    assert got is not None and np.array_equal(got, blocks[k]), f"shm get of block {k} differs"
 
-    with Client(url, nixl=True, shm=False, pool_size=1, timeout=60) as nx:
-        if nx.transport != "nixl":
-            log("get_nixl skipped: NIXL unavailable on the server or here (see the log line above)")
-        else:
-            def get_nixl() -> int:
-                nx.get_blocks(spec, [hashes[next(i) % BLOCKS_PER_SIZE]], [out])
-                return size
+        with Client(url, nixl=True, shm=False, pool_size=1, timeout=60) as nx:
+            if nx.transport != "nixl":
+                log("get_nixl skipped: NIXL unavailable on the server or here (see the log line above)")
+            else:
+                def get_nixl() -> int:
+                    nx.get_blocks(spec, [hashes[next(i) % BLOCKS_PER_SIZE]], [out])
+                    return size
 
-            rows.append(row("get_nixl", size, "tcp", rate(get_nixl, seconds), rate(get_tcp, seconds)))
-            for k, h in enumerate(hashes):
-                got = nx.get_blocks(spec, [h])[0]
-                assert got is not None and np.array_equal(got, blocks[k]), f"nixl get of block {k} differs"
+                rows.append(row("get_nixl", size, "tcp", rate(get_nixl, seconds), rate(get_tcp, seconds)))
+                for k, h in enumerate(hashes):
+                    got = nx.get_blocks(spec, [h])[0]
+                    assert got is not None and np.array_equal(got, blocks[k]), f"nixl get of block {k} differs"
     return rows
 
 

@@ -58,7 +58,9 @@ def _open_store(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {"data_dir": args.data_dir}
     if args.ram_bytes is not None:
         fields["ram_bytes"] = args.ram_bytes
-    return TieredStore.open(StoreConfig(**fields))
+    store = TieredStore.open(StoreConfig(**fields))
+    store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
+    return store
 
 
 def _server_config(args: argparse.Namespace, store: Any) -> ServerConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -45,6 +46,10 @@ from kvfabric.transport.receiver import FrameReceiver
 log = logging.getLogger(__name__)
 
 MAX_LEASES_PER_CONNECTION = 65536
+TAIL_COPY_BYTES = 64 << 10
+"""The last bytes of a leased response are sent from a copy and the write high-water mark is this size, so
+whenever the transport holds no more than this many bytes, none of them are in the arena; above it, the transport
+calls resume_writing() once everything is sent (low-water mark 0)."""
 
 
 class StoreLease(Protocol):
@@ -197,7 +202,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._put_errors: dict[int, Exception] = {}
         self._client_leases: dict[int, StoreLease] = {}  # shm/NIXL leases the client holds
         self._next_lease = 1
-        self._sending_leases: list[StoreLease] = []  # RAM blocks in the transport's write buffer
+        self._sending_leases: list[tuple[int, list[StoreLease]]] = []  # (stream offset of arena end, leases)
+        self._written = 0  # bytes handed to the transport
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
 
@@ -208,8 +214,11 @@ class _Connection(asyncio.BufferedProtocol):
         # memory, and a high-water mark of 0 makes resume_writing() mean "everything written was sent".
         self.tls = transport.get_extra_info("sslcontext") is not None
         if not self.tls:
-            transport.set_write_buffer_limits(high=0)
+            transport.set_write_buffer_limits(high=TAIL_COPY_BYTES, low=0)
         self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server._connections.add(self)
         self.counters.connections += 1
         self.counters.connections_open += 1
@@ -239,7 +248,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()  # backpressure: no new requests while responses are queued
 
     def resume_writing(self) -> None:
-        self._release_sending()
+        self._release_sending(everything=True)  # low-water mark 0: the write buffer is empty
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()
@@ -248,7 +257,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = True
         self.server._connections.discard(self)
         self.counters.connections_open -= 1
-        self._release_sending()
+        self._release_sending(everything=True)
         for lease in self._client_leases.values():
             self._release(lease)
         self._client_leases.clear()
@@ -471,16 +480,30 @@ class _Connection(asyncio.BufferedProtocol):
             for lease in leases:
                 self.store.release(lease)
             return
-        if payload:
-            transport.writelines([head, *payload])
-            self.counters.bytes_sent += len(head) + sum(len(p) for p in payload)
-        else:
-            transport.write(head)
-            self.counters.bytes_sent += len(head)
-        if leases:
-            self._sending_leases.extend(leases)
-            if transport.get_write_buffer_size() == 0:
-                self._release_sending()
+        transport.write(head)
+        written = len(head)
+        if leases:  # zero-copy from the arena, except a copied tail (see TAIL_COPY_BYTES)
+            total = sum(len(p) for p in payload)
+            copy_from = max(0, total - TAIL_COPY_BYTES)
+            pos, tail = 0, []
+            for p in payload:
+                cut = min(len(p), max(0, copy_from - pos))
+                if cut:
+                    transport.write(p[:cut])
+                if cut < len(p):
+                    tail.append(p[cut:])
+                pos += len(p)
+            self._written += written + copy_from
+            self._sending_leases.append((self._written, list(leases)))
+            if tail:
+                transport.write(b"".join(tail))
+            self._written += total - copy_from
+        else:  # payloads not in the arena are objects the transport keeps alive itself
+            for p in payload:
+                transport.write(p)
+            self._written += written + sum(len(p) for p in payload)
+        self.counters.bytes_sent += written + sum(len(p) for p in payload)
+        self._release_sending()
 
     def _send_error(self, request_id: int, exc: BaseException) -> None:
         self.counters.errors += 1
@@ -493,10 +516,16 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()  # flushes the error frame first
 
-    def _release_sending(self) -> None:
-        leases, self._sending_leases = self._sending_leases, []
-        for lease in leases:
-            self.store.release(lease)
+    def _release_sending(self, everything: bool = False) -> None:
+        """Release the leases of responses whose arena bytes the kernel has taken."""
+        if not self._sending_leases:
+            return
+        pending = 0 if everything or self.transport is None else self.transport.get_write_buffer_size()
+        sent = self._written - pending
+        while self._sending_leases and (everything or self._sending_leases[0][0] <= sent or
+                                        pending <= TAIL_COPY_BYTES):  # fmt: skip
+            for lease in self._sending_leases.pop(0)[1]:
+                self.store.release(lease)
 
     def _release(self, lease: StoreLease) -> None:
         """Release a lease the client held (shm / NIXL)."""
