@@ -34,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvfabric.client import Client  # noqa: E402
-from kvfabric.spec import DType, ModelSpec  # noqa: E402
+from kvfabric.client import Client
+from kvfabric.spec import DType, ModelSpec
 
 GIB = 1 << 30
 BLOCKS_PER_SIZE = 4
@@ -235,7 +235,7 @@ def peer_rows(spec: ModelSpec, blocks: np.ndarray, get_tcp: float, size: int, se
     if importlib.util.find_spec("bench.peers") is None:
         log("redis / mooncake / lmcache rows skipped: bench/peers is not in this checkout")
         return []
-    import bench.peers as peers
+    from bench import peers
 
     rows = []
     for name in ("redis", "mooncake", "lmcache"):

@@ -45,7 +45,7 @@ OnSegment = Callable[[fr.Frame, int], None]
 
 
 class _Pending:
-    __slots__ = ("future", "sink", "on_segment")
+    __slots__ = ("future", "on_segment", "sink")
 
     def __init__(self, future: asyncio.Future[fr.Frame], sink: Sink | None, on_segment: OnSegment | None) -> None:
         self.future = future

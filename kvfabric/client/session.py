@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from kvfabric.client.buffers import Destination
 from kvfabric.errors import AuthError, ClientError, ConfigError, ProtocolError, RemoteError
 from kvfabric.hashing import prefix_hashes, root_hash
-from kvfabric.ids import NULL_HASH, ModelFingerprint, PrefixHash, TierId
+from kvfabric.ids import ModelFingerprint, PrefixHash, TierId
 from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
 
@@ -182,6 +182,6 @@ def leading(metas: Sequence[object | None]) -> int:
 
 
 __all__ = [
-    "NULL_HASH", "ClientOptions", "Endpoint", "GetPlan", "LookupResult", "SessionInfo", "batches", "expect",
+    "ClientOptions", "Endpoint", "GetPlan", "LookupResult", "SessionInfo", "batches", "expect",
     "leading", "parse_url", "put_items", "session_from",
 ]  # fmt: skip

@@ -70,7 +70,7 @@ class SyncConnection:
             if reply.request_id not in (rid, 0):
                 raise ProtocolError(f"{what}: reply to request {reply.request_id}, expected {rid}")
             return reply
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             self.broken = True
             raise ClientError(f"{what} to {self.endpoint} timed out after {self.options.timeout}s") from exc
         except OSError as exc:

@@ -11,7 +11,6 @@ import logging
 import os
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 
