@@ -29,12 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from kvfabric.client import Client  # noqa: E402
-from kvfabric.client.hf import HFAdapter, spec_for_hf  # noqa: E402
-from tests.engines.fabric import serve, stop  # noqa: E402
-from tests.engines.models import SHAPES, random_prompt, save_random_llama  # noqa: E402
+from kvfabric.client import Client
+from kvfabric.client.hf import HFAdapter, spec_for_hf
+from tests.engines.fabric import serve, stop
+from tests.engines.models import SHAPES, random_prompt, save_random_llama
 
 BLOCK = 16
 

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.engines.fabric import child_env, serve  # noqa: E402
-from tests.engines.models import TINY, random_prompt, save_random_llama  # noqa: E402
+from tests.engines.fabric import child_env, serve
+from tests.engines.models import TINY, random_prompt, save_random_llama
 
 
 def hf_worker(role: str, fabric, model: Path, prompts: Path, out: Path, *extra: str) -> dict:

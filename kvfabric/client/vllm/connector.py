@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -333,12 +333,7 @@ class KVFabricConnector(KVConnectorBase_V1):
         """Log finished saves' failures; with ``block``, wait for the oldest (or, at shutdown, all) first."""
         if block and self._pending_saves:
             targets = self._pending_saves if timeout is not None else self._pending_saves[:1]
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for fut in targets:
-                try:
-                    fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                except Exception:  # noqa: BLE001 - logged below
-                    pass
+            wait(targets, timeout=timeout)  # never raises: failures are logged below
         still: list[Future[None]] = []
         for fut in self._pending_saves:
             if not fut.done():

@@ -23,7 +23,7 @@ def paged_view(kv_layer: torch.Tensor) -> torch.Tensor:
 
 def layer_geometry(kv_layer: torch.Tensor) -> tuple[int, int, int]:
     """``(kv_heads, block_size, head_dim)`` of one paged layer."""
-    _, heads, two, block_size, dim = paged_view(kv_layer).shape
+    _, heads, _, block_size, dim = paged_view(kv_layer).shape
     return heads, block_size, dim
 
 
