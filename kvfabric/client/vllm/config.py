@@ -20,8 +20,9 @@ DEFAULT_TIMEOUT_S = 10.0
 class ConnectorConfig:
     """``kv_connector_extra_config`` keys.
 
-    ``tenant``, when given, must be the tenant the token authenticates as (checked at the first fabric call), so a
-    mis-pasted token fails loudly instead of silently sharing another tenant's cache. ``model`` and ``revision``
+    ``tenant``, when given, must be the tenant the token authenticates as (checked before the first fabric call):
+    on a mismatch the connector uses no fabric at all and logs why, instead of silently sharing another tenant's
+    cache. ``model`` and ``revision``
     override the names taken from vLLM's model config, for weights loaded from paths that differ between hosts.
     """
 

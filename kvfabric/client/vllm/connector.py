@@ -110,7 +110,9 @@ class KVFabricConnector(KVConnectorBase_V1):
             self._spec = spec_for_vllm(vllm_config, self._config, tp_rank=get_tensor_model_parallel_rank())
             self._layers: list[torch.Tensor] = []
             self._layer_index: dict[str, int] = {}
-            self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfabric-io")
+            # Separate threads so a queue of saves never delays a load the forward pass is waiting for.
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfabric-load")
+            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfabric-save")
             self._load: _Load | None = None
             self._failed_block_ids: set[int] = set()
             self._staged: tuple[tuple[SaveSpec, ...], torch.Tensor] | None = None
@@ -206,7 +208,7 @@ class KVFabricConnector(KVConnectorBase_V1):
             return
         load = _Load(meta.plan.loads, len(self._layers))
         self._load = load
-        self._io.submit(self._fetch, load)
+        self._loader.submit(self._fetch, load)
 
     def _fetch(self, load: _Load) -> None:
         """Background thread: fetch every planned block; layer ``c`` is signalled as soon as it has arrived."""
@@ -309,7 +311,7 @@ class KVFabricConnector(KVConnectorBase_V1):
         self._settle_load()
         staged, self._staged = self._staged, None
         if staged is not None:
-            self._pending_saves.append(self._io.submit(self._store, *staged))
+            self._pending_saves.append(self._saver.submit(self._store, *staged))
         self._reap_saves(block=len(self._pending_saves) > MAX_PENDING_SAVES)
 
     def _store(self, saves: tuple[SaveSpec, ...], kv: torch.Tensor) -> None:
@@ -348,6 +350,7 @@ class KVFabricConnector(KVConnectorBase_V1):
             self._reap_saves(block=True, timeout=SHUTDOWN_DRAIN_S)
             if self._pending_saves:
                 log.warning("kvfabric: %d save(s) still running at shutdown were abandoned", len(self._pending_saves))
-            self._io.shutdown(wait=False, cancel_futures=True)
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._saver.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
