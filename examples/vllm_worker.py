@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--tenant")
     parser.add_argument("--kv-role", default="kv_both", choices=["kv_both", "kv_producer", "kv_consumer"])
     parser.add_argument("--model-name", default="random-llama", help="name the KV is stored under")
+    parser.add_argument("--tcp", action="store_true", help="read blocks over TCP even on the server's host")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable vLLM's own prefix cache")
     parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
@@ -58,6 +59,8 @@ def main() -> int:
             extra["token"] = args.token
         if args.tenant:
             extra["tenant"] = args.tenant
+        if args.tcp:
+            extra["shm"] = False
         transfer = KVTransferConfig(
             kv_connector="KVFabricConnector",
             kv_connector_module_path="kvfabric.client.vllm",

@@ -133,12 +133,13 @@ class HFAdapter:
 
     ``publish`` stores the prompt's newly computed full blocks after each prefill. Any fabric failure (server down,
     corrupt or evicted block) is logged and the prompt is recomputed: the fabric can only make a request faster.
+    ``client=None`` runs the model without a fabric (a reference to compare against).
     """
 
     def __init__(
         self,
         model: PreTrainedModel,
-        client: Client,
+        client: Client | None,
         spec: ModelSpec | None = None,
         *,
         block_size: int = 16,
@@ -152,6 +153,7 @@ class HFAdapter:
         self._registered = False
 
     def _ensure_registered(self) -> None:
+        assert self.client is not None
         if not self._registered:
             self.client.register_model(self.spec)
             self._registered = True
@@ -163,7 +165,7 @@ class HFAdapter:
         """
         bs = self.spec.block_size
         usable = (len(tokens) - 1) // bs * bs  # the last token must run through the model to give logits
-        if usable <= 0:
+        if usable <= 0 or self.client is None:
             return None, 0
         prefix = list(tokens[:usable])
         try:
@@ -193,7 +195,7 @@ class HFAdapter:
         Failures are logged and return 0: publishing is an optimisation for later requests, never a requirement.
         """
         end_block = min(len(tokens), cache.get_seq_length()) // self.spec.block_size
-        if end_block <= first_block:
+        if end_block <= first_block or self.client is None:
             return 0
         try:
             self._ensure_registered()
@@ -218,9 +220,9 @@ class HFAdapter:
             cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([list(tokens[matched:])], dtype=torch.long, device=self._device)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        published = self.publish(tokens, out.past_key_values, matched // self.spec.block_size) if (
-            self.publish_blocks
-        ) else 0
+        published = 0
+        if self.publish_blocks:
+            published = self.publish(tokens, out.past_key_values, matched // self.spec.block_size)
         return Prefill(out.past_key_values, out.logits[0, -1].float(), matched, published)
 
     @torch.inference_mode()

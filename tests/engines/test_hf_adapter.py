@@ -44,9 +44,7 @@ def run_worker(role: str, fabric, model: Path, prompts: list[list[int]], tmp: Pa
 
 def reference(model, prompt: list[int], n: int = 8):
     """Greedy generation recomputing the whole prompt, no fabric involved."""
-    return HFAdapter(model, client=None, spec=spec_for_hf(model.config, model="ref"), publish=False).generate(  # type: ignore[arg-type]
-        prompt, n, use_fabric=False
-    )
+    return HFAdapter(model, None, spec_for_hf(model.config, model="ref")).generate(prompt, n)
 
 
 def test_spec_for_hf_reads_the_config(tiny_model: Path) -> None:

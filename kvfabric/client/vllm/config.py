@@ -32,6 +32,7 @@ class ConnectorConfig:
     timeout: float = DEFAULT_TIMEOUT_S
     model: str | None = None
     revision: str | None = None
+    shm: bool | None = None  # None: read through the server's shared memory when on the same host; False: TCP
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
@@ -46,7 +47,12 @@ class ConnectorConfig:
             raise ConfigError(f"kv_connector_extra_config.timeout must be a number: {exc}") from exc
         if timeout <= 0:
             raise ConfigError("kv_connector_extra_config.timeout must be positive")
-        return cls(timeout=timeout, **{k: None if v is None else str(v) for k, v in extra.items()})
+        shm = extra.pop("shm", None)
+        if isinstance(shm, str):
+            shm = {"true": True, "false": False, "auto": None}.get(shm.lower(), shm)
+        if shm is not None and not isinstance(shm, bool):
+            raise ConfigError(f"kv_connector_extra_config.shm must be true, false or null, got {shm!r}")
+        return cls(timeout=timeout, shm=shm, **{k: None if v is None else str(v) for k, v in extra.items()})
 
 
 def spec_for_vllm(vllm_config: VllmConfig, config: ConnectorConfig, *, tp_rank: int) -> ModelSpec:

@@ -90,7 +90,9 @@ class KVFabricConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         transfer = self._kv_transfer_config
-        self._client = Client(self._config.url, token=self._config.token, timeout=self._config.timeout)
+        self._client = Client(
+            self._config.url, token=self._config.token, timeout=self._config.timeout, shm=self._config.shm
+        )
         self._tenant_checked = False
         self._registered = False
         if role == KVConnectorRole.SCHEDULER:
@@ -220,24 +222,25 @@ class KVFabricConnector(KVConnectorBase_V1):
                 hashes += self._client.block_hashes(self._spec, list(spec.tokens))[spec.first_block : spec.end_block]
             load.kv = torch.empty((len(hashes), *self._spec.block_shape), dtype=self._layers[0].dtype)
             out = [load.kv[i] for i in range(len(hashes))]
-            if self._client.transport == "shm":
+            transport = self._client.transport
+            if transport == "shm":
                 got = self._client.get_blocks(self._spec, hashes, out)
-            else:
+            else:  # chunk-major over the wire: chunk c of every block is layer c
                 got = self._client.get_blocks(
                     self._spec, hashes, out, chunks=self._spec.num_layers, on_chunk=lambda c: load.layer_ready[c].set()
                 )
             load.missing = [g is None for g in got]
         except Exception as exc:  # noqa: BLE001 - any failure means "recompute"; reported after the forward
             load.error = exc
+        else:
+            n = len(hashes)
+            log.info(
+                "kvfabric: fetched %d blocks (%d tokens) for %d request(s) in %.1f ms over %s (%d missing)",
+                n, n * self._spec.block_size, len(load.specs), 1e3 * (time.perf_counter() - started),
+                "shared memory" if transport == "shm" else f"{transport}, layer by layer", sum(load.missing),
+            )  # fmt: skip
         finally:
             load.finish()
-        n = sum(len(s.block_ids) for s in load.specs)
-        if load.error is None:
-            log.info(
-                "kvfabric: fetched %d blocks (%d tokens) for %d request(s) in %.1f ms (%d missing)",
-                n, n * self._spec.block_size, len(load.specs), 1e3 * (time.perf_counter() - started),
-                sum(load.missing),
-            )  # fmt: skip
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         index = self._layer_index.get(layer_name)
