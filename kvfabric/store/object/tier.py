@@ -243,22 +243,22 @@ class ObjectTier(Tier):
         """Append each block to the open segment; with ``durable_put``, return only once all are committed."""
         stored: list[BlockMeta] = []
         segments: set[str] = set()
-        sealed = False
         try:
             for block in blocks:
                 header, payload = encode_record(block, self.config.codec)  # compression outside the lock
                 parsed = decode_header(header)
                 with self._lock:
                     self._check_open()
+                    waiting = len(self._backlog)
                     segments.add(self._append_locked(block.meta, header, payload, parsed.payload_checksum))
-                    sealed |= len(self._backlog) > 0
+                    sealed = len(self._backlog) > waiting
                 stored.append(block.meta)
+                if sealed and not self.config.durable_put:
+                    self._kick_uploads()
         finally:
             for meta in stored:
                 self._emit_stored(meta)
-        if not stored:
-            return
-        if self.config.durable_put:
+        if stored and self.config.durable_put:
             with self._lock:
                 self._seal_locked()
             self._drain()
@@ -269,8 +269,6 @@ class ObjectTier(Tier):
                     f"object tier: {len(stored)} block(s) queued for upload but not yet durable in "
                     f"s3://{self.config.bucket}/{self.config.prefix} ({self._store.endpoint} unreachable)"
                 )
-        elif sealed:
-            self._kick_uploads()
 
     def _append_locked(self, meta: BlockMeta, header: bytes, payload: bytes | memoryview, checksum: int) -> str:
         record_len = len(header) + len(payload)
