@@ -721,7 +721,11 @@ class ObjectTier(Tier):
                     self._work.wait(min(waits) if waits else None)
                 if self._stopping:
                     return
-            self._drain()
+            try:
+                self._drain()
+            except Exception:  # a bug must not silently end uploads: log it, back off, keep going
+                log.exception("object tier: uploader failed; retrying after a backoff")
+                self._note_failure()
 
     # --- rebuild ---------------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
