@@ -26,6 +26,7 @@ from typing import Protocol
 import boto3
 
 from kvfabric.errors import (
+    BlockTooLargeError,
     MalformedRecordError,
     RecordError,
     StoreError,
@@ -277,6 +278,8 @@ class ObjectTier(Tier):
             self._seal_locked()
             seg = None
         open_bytes = _aligned(seg.nbytes) if seg is not None else 0
+        if record_len > self.config.backlog_bytes:
+            raise BlockTooLargeError(record_len, self.config.backlog_bytes)
         if self._backlog.nbytes + open_bytes + record_len > self.config.backlog_bytes:
             self._ostats.rejected_puts += 1
             raise TierUnavailableError(
