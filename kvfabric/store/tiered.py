@@ -57,6 +57,7 @@ N_STRIPES = 64
 FLUSH_BATCH = 64
 MAX_FLUSH_BACKOFF_S = 30.0
 ROOM_FRACTION = 16
+ROOM_ROUNDS = 4
 
 
 class _LowerTierFull(Exception):
@@ -348,27 +349,31 @@ class TieredStore:
     # --- maintenance -----------------------------------------------------------------------------------------------
     def evict(self, tier_id: TierId, nbytes: int) -> int:
         """Evict at least ``nbytes`` from one tier (never pinned blocks), demoting what lower tiers still lack;
-        bytes freed. RAM evicts by its policy; other tiers oldest-written first."""
+        bytes freed. RAM evicts by its policy; other tiers least recently used first (store-wide recency)."""
         self._check_open()
         tier = self._by_id.get(tier_id)
         if tier is None:
             raise ValueError(f"no tier {tier_id!r}; tiers: {list(self._by_id)}")
         if tier is self._ram:
             return self._ram.evict(nbytes)
-        candidates = []
-        for key in list(tier.keys()):
-            if key in self._pins:
-                continue
-            meta = tier.head(key)
-            if meta is not None:
-                candidates.append(meta)
-        candidates.sort(key=lambda m: m.created_ms)
+        with self._lock:
+            candidates = self._catalog.least_recent_overall()
+        freed = self._evict_keys(tier, candidates, nbytes)
+        if freed < nbytes:  # blocks the catalog does not know (it can lag a tier that dropped a corrupt record)
+            freed += self._evict_keys(tier, list(tier.keys()), nbytes - freed)
+        return freed
+
+    def _evict_keys(self, tier: Tier, keys: list[BlockKey], nbytes: int) -> int:
         freed = 0
-        for meta in candidates:
+        for key in keys:
             if freed >= nbytes:
                 break
-            with self._stripe(meta.key):
-                freed += self._evict_from_lower(tier, meta)
+            if key in self._pins:
+                continue
+            with self._stripe(key):
+                meta = tier.head(key)
+                if meta is not None:
+                    freed += self._evict_from_lower(tier, meta)
         return freed
 
     def expire(self) -> int:
@@ -413,9 +418,14 @@ class TieredStore:
         self._check_open()
         error = self._drain(self._ram.version)
         for tier in self._lower:
-            tier_flush = getattr(tier, "flush", None)
-            if callable(tier_flush):
+            tier_flush = getattr(tier, "flush", None)  # tiers that buffer writes themselves (object segments)
+            if not callable(tier_flush):
+                continue
+            try:
                 tier_flush()
+            except KVFabricError as exc:
+                self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                error = error or exc
         if error is not None:
             raise error
 
@@ -555,14 +565,16 @@ class TieredStore:
 
     # --- the write path (caller holds the key's stripe) ------------------------------------------------------------
     def _write_making_room(self, block: Block) -> None:
-        """:meth:`_write` under the key's stripe; if a lower tier that refuses writes when full (disk) is full,
-        make room there (outside the stripe: eviction takes other keys' stripes) and try once more."""
-        try:
-            with self._stripe(block.key):
-                self._write(block)
-            return
-        except _LowerTierFull as full:
-            self._make_room(full.tier, block.meta.nbytes)
+        """:meth:`_write` under the key's stripe. If a lower tier that refuses writes when full (disk) is full,
+        make room there (outside the stripe: eviction takes other keys' stripes) and try again, a few rounds at
+        most: evicted space comes back only once compaction finds segments dead enough to rewrite."""
+        for _ in range(ROOM_ROUNDS):
+            try:
+                with self._stripe(block.key):
+                    self._write(block)
+                return
+            except _LowerTierFull as full:
+                self._make_room(full.tier, block.meta.nbytes)
         try:
             with self._stripe(block.key):
                 self._write(block)
@@ -946,9 +958,11 @@ def _open_disk_tier(config: StoreConfig, events: EventSink | None) -> Tier:
 
 
 def _open_object_tier(config: StoreConfig, events: EventSink | None) -> Tier:
-    """The S3-compatible tier (``kvfabric.store.object``)."""
+    """The S3-compatible tier (``kvfabric.store.object``), its index rebuilt from the bucket's manifests. An
+    unreachable store fails the open (``TierUnavailableError``) rather than starting a node that cannot see what S3
+    holds."""
     try:
         from kvfabric.store.object import ObjectTier  # imported here: only stores with an object tier need boto3
     except ImportError as exc:
         raise ConfigError("object tier configured but this build has no kvfabric.store.object") from exc
-    return ObjectTier(config.object, source=config.node_id, events=events)
+    return ObjectTier.open(config.object, source=config.node_id, events=events)
