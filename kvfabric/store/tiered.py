@@ -495,6 +495,14 @@ class TieredStore:
     def tiers(self) -> list[TierId]:
         return [t.tier_id for t in self._tiers]
 
+    def tier(self, tier_id: TierId) -> Tier:
+        """One of the store's tiers, for what only it can tell (the object tier's upload stats, the disk's usage).
+        Write through the store, not through the tier, or the store's books go wrong."""
+        try:
+            return self._by_id[tier_id]
+        except KeyError:
+            raise ValueError(f"no tier {tier_id!r}; tiers: {list(self._by_id)}") from None
+
     # --- validation and quotas -------------------------------------------------------------------------------------
     def _validated(self, block: Block) -> Block:
         """``block`` checked against its model spec and the store's limits, stamped with the store's clock."""
