@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvfabric.errors import UnknownModelError
+from kvfabric.events import EventLog
 from kvfabric.ids import Namespace, TierId
 from kvfabric.store.config import WRITE_BACK, NamespacePolicy, StoreConfig
 from kvfabric.store.disk import DiskTier
@@ -158,4 +159,23 @@ def test_bad_input_leaves_disk_untouched(tmp_path: Path) -> None:
         store.put(stranger)
     assert snapshot(store, tiers) == before
     store.evict(TierId("ram"), 1 << 30)
+    store.close()
+
+
+def test_every_tier_reports_to_the_store_event_sink(tmp_path: Path) -> None:
+    log = EventLog()
+    cfg = StoreConfig(data_dir=tmp_path, ram_bytes=2 * BLOCK, disk_bytes=64 << 20, ram_high_watermark=1.0)
+    store = TieredStore.open(cfg, events=log)
+    store.register_model(SPEC)
+    chain = make_chain(3)
+    store.put_many(chain)  # the third evicts the first from RAM; disk keeps all three
+    store.delete(chain[1].key)
+    events = [(type(e).__name__, e.medium, e.hashes[0]) for e in log.take_events() if hasattr(e, "hashes")]
+    h = [b.key.prefix for b in chain]
+    assert events == [
+        ("BlockStored", "disk", h[0]), ("BlockStored", "ram", h[0]),
+        ("BlockStored", "disk", h[1]), ("BlockStored", "ram", h[1]),
+        ("BlockStored", "disk", h[2]), ("BlockRemoved", "ram", h[0]), ("BlockStored", "ram", h[2]),
+        ("BlockRemoved", "ram", h[1]), ("BlockRemoved", "disk", h[1]),
+    ]  # fmt: skip
     store.close()
