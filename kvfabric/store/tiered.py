@@ -184,10 +184,14 @@ class TieredStore:
         if not ready:
             return
         victims, undo = self._reserve(ready)
-        for key in victims:
-            with self._stripe(key):
-                self._remove_everywhere(key)
-            self._count("quota_evictions")
+        try:
+            for key in victims:
+                with self._stripe(key):
+                    self._remove_everywhere(key)
+                self._count("quota_evictions")
+        except BaseException:
+            self._unreserve(undo)
+            raise
         for i, block in enumerate(ready):
             try:
                 self._write_making_room(block)
