@@ -64,7 +64,7 @@ def test_acknowledged_puts_survive_a_crash(tmp_path: Path) -> None:
         from kvfabric.store.tiered import TieredStore
         from tests.blocks import SPEC, make_chain
         store = TieredStore.open(StoreConfig(data_dir=Path({str(tmp_path)!r}), ram_bytes=1 << 20,
-                                             disk_bytes=64 << 20, fsync="always"))
+                                             disk_bytes=64 << 20, fsync="always", shm_dir={str(tmp_path)!r}))
         store.register_model(SPEC)
         for block in make_chain(20, seed=3):
             store.put(block)
