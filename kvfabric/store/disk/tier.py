@@ -22,10 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from kvfabric.codec import Codec, decode_payload
-from kvfabric.errors import InvalidBlockError, KVFabricError, RecordError, StoreError, TierFullError
+from kvfabric.errors import (
+    InvalidBlockError,
+    KVFabricError,
+    MalformedRecordError,
+    RecordError,
+    StoreError,
+    TierFullError,
+)
 from kvfabric.events import EventSink
 from kvfabric.ids import BlockKey, Namespace, TierId
-from kvfabric.record import Block, BlockMeta, checksum, decode_header, encode_record
+from kvfabric.record import Block, BlockMeta, RecordHeader, checksum, decode_header, encode_record
 from kvfabric.store.disk.compaction import COPY_BATCH_BYTES, CompactionResult, select_segments
 from kvfabric.store.disk.durability import FsyncPolicy, GroupCommitter, SyncGroup
 from kvfabric.store.disk.index import BlockIndex, IndexEntry
@@ -48,6 +55,14 @@ DEFAULT_SEGMENT_BYTES = 256 << 20
 DISK = TierId("disk")
 _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _decode_own_header(entry: IndexEntry, kb: bytes) -> RecordHeader:
+    """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
+    head = decode_header(entry.header)
+    if head.meta.key.to_bytes() != kb:
+        raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
+    return head
 
 
 @dataclass(slots=True)
@@ -100,7 +115,9 @@ class DiskTier(Tier):
         self.codec = Codec.parse(codec)
         self.on_segment_sealed = on_segment_sealed
         self._segment_dir = self.path / "segments"
-        self._segment_dir.mkdir(parents=True, exist_ok=True)
+        if not self._segment_dir.is_dir():
+            self._segment_dir.mkdir(parents=True)
+            fsync_dir(self.path)
         self._committer = GroupCommitter(group_commit_ms / 1000.0)
         self._append_lock = threading.Lock()
         self._compact_lock = threading.Lock()
@@ -164,7 +181,7 @@ class DiskTier(Tier):
             self._drop_corrupt(kb, entry)
             return None
         try:
-            head = decode_header(entry.header)
+            head = _decode_own_header(entry, kb)
             raw = decode_payload(head.codec, memoryview(payload), head.raw_len, head.meta.dtype.itemsize)
         except RecordError:
             self._drop_corrupt(kb, entry)
@@ -183,7 +200,7 @@ class DiskTier(Tier):
         entry, seg = found
         try:
             try:
-                head = decode_header(entry.header)
+                head = _decode_own_header(entry, kb)
             except RecordError:
                 head = None
             if head is not None and len(dst) != head.meta.nbytes:
@@ -212,7 +229,7 @@ class DiskTier(Tier):
         if entry is None:
             return None
         try:
-            return entry.meta()
+            return _decode_own_header(entry, kb).meta
         except RecordError:
             self._drop_corrupt(kb, entry)
             return None
@@ -419,6 +436,9 @@ class DiskTier(Tier):
             except OSError as exc:
                 self._abort_append(seg, pos, span)
                 raise self._io_error(exc, f"writing {rec_len} bytes to {seg.path}") from exc
+            except BaseException:
+                self._abort_append(seg, pos, span)
+                raise
             group = self._committer.join(seg) if self.fsync_policy is FsyncPolicy.GROUP else None
         if sealed is not None:
             self._announce(sealed)
@@ -477,6 +497,9 @@ class DiskTier(Tier):
         except OSError as exc:
             self._abandon(slots)
             raise self._io_error(exc, "fdatasync of segment") from exc
+        except BaseException:
+            self._abandon(slots)
+            raise
 
     def _abandon(self, slots: list[_Slot]) -> None:
         ready = []
