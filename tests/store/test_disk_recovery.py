@@ -9,6 +9,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -234,3 +236,30 @@ def test_delete_moves_the_high_water_mark_past_the_deleted_record(tmp_path: Path
         finally:
             view.close()
         assert hwm >= Position(int(last_segment(t).stem), last.offset + last.record_len)
+
+
+def test_delete_waits_for_older_writes_still_in_flight(tmp_path: Path) -> None:
+    """A record of the key sits after a write that is still waiting for its group commit; the delete may only
+    return once that write is done, or the mark it leaves behind would let recovery rescan (and resurrect) it."""
+    chain = make_chain(10)
+    k = chain[0]
+    with open_tier(tmp_path, fsync="group", group_commit_ms=1500, segment_bytes=32 << 10) as t:
+        t.put_many(chain[:5])  # k shares the first segment with 3 others...
+        t.delete_many([b.key for b in chain[1:4]])  # ... that are deleted: compaction will move k
+        t.put(chain[5])  # a sync starts now: the next group waits out the 1.5 s window
+        a_done = threading.Event()
+
+        def put_a() -> None:
+            t.put(chain[6])
+            a_done.set()
+
+        writer = threading.Thread(target=put_a)
+        writer.start()
+        while not t._pending:
+            time.sleep(0.001)
+        assert t.compact(0.5).blocks_moved >= 1  # k's copy lands after A's slot and is indexed (always synced)
+        assert not a_done.is_set()
+        assert t.delete(k.key)
+        assert a_done.is_set()  # the delete waited for A
+        writer.join()
+        assert t.get(k.key) is None and same(t.get(chain[6].key), chain[6])
