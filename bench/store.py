@@ -7,8 +7,8 @@
 Rows come from the producers in ``ROW_PRODUCERS``; each measures its own baseline in the same run, on the same
 bytes, in the same directory, so ``ratio = value / baseline`` is what the tier's own work costs. Values are GiB/s
 of block payload. Each pass alternates the tier and its baseline block by block, so both meet the same device
-conditions; passes are repeated ``--repeat`` times and the one where the tier did best is reported together with
-the baseline measured in that same pass.
+conditions; passes are repeated ``--repeat`` times and the pass with the median ratio is reported, value and
+baseline both from that pass.
 
 Disk rows (this module):
 - ``disk_put_durable`` vs ``pwrite_fsync``: DiskTier.put with fsync "always", one block after another, against
@@ -52,6 +52,11 @@ DEFAULT_SIZES = (16 << 20, 256 << 10)
 DEFAULT_BYTES_PER_PASS = 256 << 20
 
 
+def _sig(x: float) -> float:
+    """Six significant digits: enough that ``ratio == value / baseline`` holds to 1e-5 after rounding."""
+    return float(f"{x:.6g}")
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     metric: str
@@ -68,8 +73,8 @@ class Row:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "metric": self.metric, "size": self.size, "against": self.against, "value": round(self.value, 4),
-                "baseline": round(self.baseline, 4), "ratio": round(self.ratio, 4), "unit": self.unit,
+                "metric": self.metric, "size": self.size, "against": self.against, "value": _sig(self.value),
+                "baseline": _sig(self.baseline), "ratio": _sig(self.ratio), "unit": self.unit,
             }
         )  # fmt: skip
 
@@ -235,8 +240,9 @@ def disk_rows(ctx: BenchContext) -> list[Row]:
             for metric, _, key in DISK_PAIRS:
                 ratios[metric].append((results[metric], results[key]))
         for metric, against, _ in DISK_PAIRS:
-            # the pass where the tier did best, with the baseline measured alongside it in that same pass
-            value, baseline = max(ratios[metric])
+            # the pass with the median ratio, with the baseline measured alongside the tier in that same pass
+            passes = sorted(ratios[metric], key=lambda vb: vb[0] / vb[1])
+            value, baseline = passes[len(passes) // 2]
             rows.append(Row(metric, size, against, value, baseline))
     return rows
 
