@@ -160,6 +160,11 @@ class BlockIndex:
         for kb, value in self._iter_prefix(_BLOCK):
             yield kb, IndexEntry.unpack(value)
 
+    def entries_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, IndexEntry]]:
+        """(key bytes, entry) of every block whose key starts with ``prefix``, in key order."""
+        for kb, value in self._iter_prefix(_BLOCK + prefix):
+            yield kb, IndexEntry.unpack(value)
+
     def keys(self, prefix: bytes = b"") -> Iterator[bytes]:
         """Key bytes of every block whose key starts with ``prefix``."""
         for kb, _ in self._iter_prefix(_BLOCK + prefix):

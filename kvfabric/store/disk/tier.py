@@ -60,6 +60,14 @@ _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+def _namespace_prefix(namespace: Namespace | None) -> bytes:
+    """The leading bytes of ``BlockKey.to_bytes()`` shared by every key of ``namespace`` (all keys for None)."""
+    if namespace is None:
+        return b""
+    ns = namespace.encode()
+    return bytes([len(ns)]) + ns
+
+
 @dataclass(slots=True)
 class _Slot:
     """A record written to a segment, waiting to become durable and then indexed."""
@@ -276,12 +284,16 @@ class DiskTier(Tier):
     def keys(self, namespace: Namespace | None = None) -> Iterator[BlockKey]:
         with self._cond:
             self._check_open()
-        prefix = b""
-        if namespace is not None:
-            ns = namespace.encode()
-            prefix = bytes([len(ns)]) + ns
-        for kb in self._index.keys(prefix):
+        for kb in self._index.keys(_namespace_prefix(namespace)):
             yield BlockKey.from_bytes(kb)
+
+    def iter_created_ms(self, namespace: Namespace | None = None) -> Iterator[tuple[BlockKey, int, int]]:
+        """``(key, created_ms, stored bytes)`` of every block, from the index alone (no header parse, no disk
+        read): what oldest-first eviction and TTL sweeps need, in one pass."""
+        with self._cond:
+            self._check_open()
+        for kb, entry in self._index.entries_with_prefix(_namespace_prefix(namespace)):
+            yield BlockKey.from_bytes(kb), entry.created_ms, entry.payload_len
 
     def close(self) -> None:
         with self._cond:
