@@ -248,12 +248,20 @@ def disk_rows(ctx: BenchContext) -> list[Row]:
 
 
 # --- object rows --------------------------------------------------------------------------------------------------
-OBJECT_ROW_PRODUCERS: list[RowProducer] = []
-"""Object-tier rows (``object_get`` vs ``boto3_range_get`` on SeaweedFS) belong to the object-tier helper, who
-appends a producer here; this module's disk rows do not depend on them."""
+def object_rows_for(ctx: BenchContext) -> list[Row]:
+    """``object_get`` (and friends) against raw boto3 ranged GETs on a SeaweedFS started for the run."""
+    from bench.store_object import object_rows  # imported here: it starts a SeaweedFS, only wanted for these rows
+
+    return [
+        Row(str(r["metric"]), int(r["size"]), str(r["against"]), float(r["value"]), float(r["baseline"]))  # type: ignore[arg-type]
+        for r in object_rows(ctx.sizes, ctx.count, repeat=ctx.repeat)
+    ]
 
 
-ROW_PRODUCERS: list[RowProducer] = [disk_rows, *OBJECT_ROW_PRODUCERS]
+OBJECT_ROW_PRODUCERS: list[RowProducer] = [object_rows_for]
+
+
+ROW_PRODUCERS: dict[str, list[RowProducer]] = {"disk": [disk_rows], "object": OBJECT_ROW_PRODUCERS}
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=None, help="blocks per pass (default: 256 MiB worth, at least 8)")
     p.add_argument("--dir", type=Path, default=None, help="where to put files (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tiers", default="disk,object", help="which tiers' rows to measure (disk, object)")
     args = p.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.dir is not None:
@@ -299,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvfabric-bench-", dir=args.dir))
     try:
         ctx = BenchContext(sizes, args.count, work, args.repeat)
-        rows = [row for produce in ROW_PRODUCERS for row in produce(ctx)]
+        tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+        unknown = set(tiers) - set(ROW_PRODUCERS)
+        if unknown:
+            p.error(f"unknown tiers {sorted(unknown)}; known: {sorted(ROW_PRODUCERS)}")
+        rows = [row for t in tiers for produce in ROW_PRODUCERS[t] for row in produce(ctx)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
