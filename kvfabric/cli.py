@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvfabric import admin_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfabric", description="Persistent KV-cache data fabric for LLM inference")
-    parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    admin_cli.register(subparsers)
     return parser
 
 
