@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -43,7 +43,7 @@ class AdminAPI:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def __enter__(self) -> AdminAPI:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,7 +229,9 @@ def _errors(api: AdminAPI, args: argparse.Namespace) -> Any:
     if args.json:
         return out
     for e in out:
-        print(f"{datetime.datetime.fromtimestamp(e['time']).isoformat(timespec='seconds')}  {e['kind']}  {e['message']}")
+        print(
+            f"{datetime.datetime.fromtimestamp(e['time']).isoformat(timespec='seconds')}  {e['kind']}  {e['message']}"
+        )
     if not out:
         print("no recent errors")
     return None

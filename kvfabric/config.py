@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from kvfabric.codec import Codec
@@ -44,9 +53,12 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: object) -> int:
-    """``4096``, ``"4096"``, ``"64GiB"``, ``"1.5 GB"`` -> bytes. Bare K/M/G/T are binary (as in ``dd``)."""
+    """``4096``, ``"4096"``, ``"64GiB"``, ``"1.5 GB"`` -> bytes. Bare K/M/G/T are binary (as in ``dd``).
+
+    Raises ``ValueError`` for every bad input, wrong types included: pydantic reports ValueErrors (not TypeErrors)
+    as validation errors naming the key."""
     if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string like '64GiB', not a boolean")
+        raise ValueError("a size must be a number of bytes or a string like '64GiB', not a boolean")  # noqa: TRY004
     if isinstance(value, int):
         n = value
     elif isinstance(value, float):
@@ -60,7 +72,7 @@ def parse_size(value: object) -> int:
             raise ValueError(f"invalid size {value!r}: expected bytes or a string like '64GiB', '512MiB', '10GB'")
         n = int(float(m.group(1)) * unit)
     else:
-        raise ValueError(f"a size must be a number of bytes or a string like '64GiB', got {type(value).__name__}")
+        raise ValueError(f"a size must be bytes or a string like '64GiB', got {type(value).__name__}")  # noqa: TRY004
     if n < 0:
         raise ValueError(f"a size cannot be negative, got {n}")
     return n
@@ -129,6 +141,7 @@ class TokenSettings(_Section):
     @field_serializer("scopes")
     def _scopes_sorted(self, scopes: frozenset[str]) -> list[str]:
         return sorted(scopes)
+
     namespaces: tuple[NamespaceName, ...] | None = None
     """Namespaces the token may touch; ``["*"]`` for all. Default: only the namespace named like its tenant."""
 

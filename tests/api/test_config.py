@@ -62,21 +62,29 @@ def test_defaults_without_file() -> None:
 
 
 def test_toml_and_yaml_give_the_same_settings(tmp_path: Path) -> None:
-    toml = write(tmp_path, "c.toml", """
+    toml = write(
+        tmp_path,
+        "c.toml",
+        """
 [store]
 data_dir = "/data"
 ram_bytes = "2GiB"
 [namespaces.chat]
 ttl_s = 60
 quota_bytes = "1GiB"
-""")
-    yml = write(tmp_path, "c.yaml", """
+""",
+    )
+    yml = write(
+        tmp_path,
+        "c.yaml",
+        """
 store:
   data_dir: /data
   ram_bytes: 2GiB
 namespaces:
   chat: {ttl_s: 60, quota_bytes: 1GiB}
-""")
+""",
+    )
     a, b = load_settings(toml), load_settings(yml)
     assert a == b
     assert a.store.ram_bytes == 2 << 30
