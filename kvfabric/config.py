@@ -36,6 +36,7 @@ from kvfabric.ids import MAX_NAMESPACE_BYTES
 
 if TYPE_CHECKING:
     from kvfabric.store.config import StoreConfig
+    from kvfabric.store.object import ObjectTierConfig
 
 ENV_PREFIX = "KVFABRIC_"
 ENV_NESTED = "__"
@@ -222,27 +223,53 @@ class StoreSettings(_Section):
     codec: CodecSettings = CodecSettings()
     write_policy: WritePolicySettings = WritePolicySettings()
     node_id: str = Field("local", min_length=1)
+    ram_policy: Literal["lru", "prefix-cost"] = "lru"
+    """RAM eviction: least recently used, or prefix-cost (keeps blocks deep in long prefixes, which cost most to
+    recompute)."""
+    ram_high_watermark: float = Field(0.95, gt=0, le=1)
+    ram_low_watermark: float = Field(0.85, gt=0, le=1)
+    """Above high x ram_bytes the store evicts (demoting to lower tiers) down to low x ram_bytes."""
+    shm_dir: str | None = "/dev/shm"
+    """Directory of the RAM arena's shared-memory file (same-host zero-copy reads); unset: anonymous memory."""
+    flush_interval_s: float = Field(0.2, gt=0)
+    """How often write-back queues are drained in the background."""
+    writeback_backlog_max: int = Field(1_000_000, gt=0)
+    """Most blocks queued for a write-back tier before the oldest queued copies are skipped (and counted)."""
+
+    @model_validator(mode="after")
+    def _watermarks_ordered(self) -> StoreSettings:
+        if self.ram_low_watermark > self.ram_high_watermark:
+            raise ValueError("ram_low_watermark must not exceed ram_high_watermark")
+        return self
 
 
 # --- object tier -------------------------------------------------------------------------------------------------
 class ObjectSettings(_Section):
-    """The S3-compatible shared tier; on when ``bucket`` is set (and needs a disk tier: segments are uploaded)."""
+    """The S3-compatible shared tier; on when ``bucket`` is set."""
 
     endpoint_url: str | None = None
     """e.g. ``http://127.0.0.1:8333`` (SeaweedFS) or unset for AWS."""
     bucket: str | None = None
-    prefix: str = "kvfabric/"
-    region: str = "us-east-1"
+    prefix: str = "kvfabric"
+    """Key prefix of everything this node writes; one writer per prefix."""
+    region: str | None = None
+    profile: str | None = None
     storage_class: str | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
     access_key_id: SecretStr | None = None
     """Unset: boto3's usual chain (env ``AWS_ACCESS_KEY_ID``, profile, instance role)."""
     secret_access_key: SecretStr | None = None
     upload: WritePolicy = "write-back"
-    """write-back: sealed segments upload in the background with a bounded backlog; write-through: a put returns
-    after its segment's upload when it sealed one."""
-    segment_bytes: PositiveSize = 256 << 20
-    backlog_bytes: Size = 4 << 30
-    """Most bytes waiting to upload; beyond it, new segments are kept only locally until the store catches up."""
+    """write-back: blocks reach the object tier in the background (S3 latency and outages never reach engines);
+    write-through: a put returns once its block's segment and manifest are in the bucket."""
+    segment_bytes: PositiveSize = 64 << 20
+    """Blocks are packed into segment objects of this size."""
+    seal_after_s: float | None = Field(5.0, gt=0)
+    """An open segment older than this is sealed and uploaded, bounding what a crash loses."""
+    backlog_bytes: PositiveSize = 1 << 30
+    """Most bytes held in memory awaiting upload; beyond it the object tier refuses writes until it catches up."""
+    create_bucket: bool = False
+    """Create the bucket on start when missing (development setups)."""
 
     @model_validator(mode="after")
     def _keys_together(self) -> ObjectSettings:
@@ -302,31 +329,10 @@ class Settings(BaseSettings):
         # Earlier sources win: the environment overrides the file (passed as init kwargs by load_settings).
         return (env_settings, init_settings)
 
-    @model_validator(mode="after")
-    def _object_needs_disk(self) -> Settings:
-        if self.object.enabled and self.store.data_dir is None:
-            raise ValueError("object.bucket is set but store.data_dir is not: the object tier uploads disk segments")
-        return self
-
     def store_config(self) -> StoreConfig:
         """The store's plain-data config (``kvfabric.store.config.StoreConfig``)."""
-        from kvfabric.store.config import NamespacePolicy, ObjectTierConfig, StoreConfig
+        from kvfabric.store.config import NamespacePolicy, StoreConfig
 
-        obj = self.object
-        object_cfg = None
-        if obj.enabled:
-            object_cfg = ObjectTierConfig(
-                endpoint_url=obj.endpoint_url,
-                bucket=obj.bucket,
-                prefix=obj.prefix,
-                region=obj.region,
-                storage_class=obj.storage_class,
-                access_key_id=obj.access_key_id.get_secret_value() if obj.access_key_id else None,
-                secret_access_key=obj.secret_access_key.get_secret_value() if obj.secret_access_key else None,
-                segment_bytes=obj.segment_bytes,
-                backlog_bytes=obj.backlog_bytes,
-                codec=Codec.parse(self.store.codec.object),
-            )
         st = self.store
         return StoreConfig(
             data_dir=st.data_dir,
@@ -334,14 +340,46 @@ class Settings(BaseSettings):
             disk_bytes=st.disk_bytes,
             fsync=st.fsync,
             group_commit_ms=st.group_commit_ms,
-            object=object_cfg,
-            write_policy={"disk": st.write_policy.disk, "object": obj.upload},
+            disk_codec=st.codec.disk,
+            object=self.object_tier_config(),
+            write_policy={"disk": st.write_policy.disk, "object": self.object.upload},
             max_block_bytes=st.max_block_bytes,
             namespaces={
                 name: NamespacePolicy(ttl_s=ns.ttl_s, quota_bytes=ns.quota_bytes)
                 for name, ns in self.namespaces.items()
             },
             node_id=st.node_id,
+            ram_policy=st.ram_policy,
+            ram_high_watermark=st.ram_high_watermark,
+            ram_low_watermark=st.ram_low_watermark,
+            shm_dir=st.shm_dir,
+            flush_interval_s=st.flush_interval_s,
+            writeback_backlog_max=st.writeback_backlog_max,
+        )
+
+    def object_tier_config(self) -> ObjectTierConfig | None:
+        """The object tier's config (``kvfabric.store.object.ObjectTierConfig``), or ``None`` when it is off."""
+        obj = self.object
+        if not obj.enabled:
+            return None
+        from kvfabric.store.object import ObjectTierConfig
+
+        return ObjectTierConfig(
+            bucket=obj.bucket or "",
+            prefix=obj.prefix,
+            endpoint_url=obj.endpoint_url,
+            region=obj.region,
+            profile=obj.profile,
+            storage_class=obj.storage_class,
+            addressing_style=obj.addressing_style,
+            access_key_id=obj.access_key_id.get_secret_value() if obj.access_key_id else None,
+            secret_access_key=obj.secret_access_key.get_secret_value() if obj.secret_access_key else None,
+            codec=Codec.parse(self.store.codec.object),
+            segment_bytes=obj.segment_bytes,
+            seal_after_s=obj.seal_after_s,
+            durable_put=obj.upload == "write-through",
+            backlog_bytes=obj.backlog_bytes,
+            create_bucket=obj.create_bucket,
         )
 
     def masked(self) -> dict[str, Any]:

@@ -142,7 +142,9 @@ def test_bad_key_is_named_with_its_source(tmp_path: Path, monkeypatch: pytest.Mo
         ('[server.auth]\nenabled = true\n', "server.auth"),
         ('[store.codec]\ndisk = "lz4"\n', "store.codec.disk"),
         ('[store.write_policy]\ndisk = "sometimes"\n', "store.write_policy.disk"),
-        ('[object]\nbucket = "b"\n', "(top level)"),
+        ('[object]\nbucket = "b"\naccess_key_id = "AKID"\n', "object"),
+        ('[store]\nram_low_watermark = 0.9\nram_high_watermark = 0.8\n', "store"),
+        ('[store]\nram_policy = "mru"\n', "store.ram_policy"),
         ('[namespaces.""]\nttl_s = 1\n', "namespaces"),
         ('[namespaces.a]\nttl_s = -1\n', "namespaces.a.ttl_s"),
         ('[[server.auth.tokens]]\ntoken = "short"\ntenant = "t"\n', "server.auth.tokens.0.token"),
@@ -207,3 +209,27 @@ def test_shown_toml_reads_back_to_the_same_settings(monkeypatch: pytest.MonkeyPa
 def test_example_configs_load(name: str) -> None:
     s = load_settings(REPO / "deploy" / name)
     assert s.store.data_dir is not None
+
+
+def test_store_config_is_the_stores_own(tmp_path: Path) -> None:
+    from kvfabric.store.config import NamespacePolicy, StoreConfig
+
+    s = load_settings(REPO / "deploy" / "single-node.toml")
+    cfg = s.store_config()
+    assert isinstance(cfg, StoreConfig)
+    assert cfg.ram_bytes == 64 << 30 and cfg.disk_bytes == 2 << 40 and cfg.node_id == "node-1"
+    assert cfg.write_policy == {"disk": "write-through", "object": "write-back"}
+    assert cfg.namespaces == {"chat": NamespacePolicy(ttl_s=86400, quota_bytes=1 << 40)}
+    assert cfg.object is None
+
+
+def test_a_store_opens_from_settings(tmp_path: Path) -> None:
+    from kvfabric.store.tiered import TieredStore
+
+    text = f'[store]\ndata_dir = "{tmp_path / "d"}"\nram_bytes = "8MiB"\ndisk_bytes = "32MiB"\n'
+    store = TieredStore.open(load_settings(write(tmp_path, "c.toml", text)).store_config())
+    try:
+        assert store.tier_stats()["ram"].capacity_bytes == 8 << 20
+    finally:
+        store.close()
+
