@@ -203,7 +203,7 @@ def _policy(api: AdminAPI, args: argparse.Namespace) -> Any:
 
 def _evict(api: AdminAPI, args: argparse.Namespace) -> Any:
     out = api.call("POST", "/v1/evict", {"tier": args.tier, "bytes": args.bytes})
-    return out if args.json else print(f"evicted {out['evicted_blocks']} block(s), {_size(out['evicted_bytes'])}")
+    return out if args.json else print(f"evicted {_size(out['evicted_bytes'])} from {out['tier']}")
 
 
 def _compact(api: AdminAPI, args: argparse.Namespace) -> Any:

@@ -27,6 +27,7 @@ class AdminContext:
     errors: ErrorLog
     started: float = field(default_factory=time.time)
     _last_corrupt: dict[str, int] = field(default_factory=dict)
+    _last_flush_error: str | None = None
 
     def snapshot(self) -> StoreSnapshot:
         return take_snapshot(self.store)
@@ -41,6 +42,10 @@ class AdminContext:
                     "corrupt_block", f"{tier.corrupt - before} corrupt block(s) dropped by the {tier.tier} tier"
                 )
             self._last_corrupt[tier.tier] = tier.corrupt
+        error = snap.counters.last_flush_error
+        if error is not None and error != self._last_flush_error:
+            self.errors.record("flush", error)
+        self._last_flush_error = error
         self.history.record(snap)
         return snap
 

@@ -39,6 +39,18 @@ _TIER_COUNTERS = (
 )
 
 
+_STORE_COUNTERS = (
+    ("promotions", "kvfabric_store_promotions", "Blocks copied up into RAM on a hit below."),
+    ("promotions_refused", "kvfabric_store_promotions_refused", "Hits below that RAM's policy did not admit."),
+    ("demotions", "kvfabric_store_demotions", "Blocks written down when RAM evicted them."),
+    ("expired", "kvfabric_store_expired_blocks", "Blocks dropped for their namespace's TTL."),
+    ("quota_evictions", "kvfabric_store_quota_evictions", "Blocks evicted to keep a namespace under its quota."),
+    ("writeback_dropped", "kvfabric_store_writeback_dropped", "Write-back copies skipped (backlog overflow)."),
+    ("flush_errors", "kvfabric_store_flush_errors", "Failed write-back flushes (retried later)."),
+    ("unavailable", "kvfabric_store_unavailable", "Reads or writes a shared tier could not serve."),
+)
+
+
 class StoreCollector:
     """Turns a store snapshot into metric families at each scrape."""
 
@@ -84,10 +96,20 @@ class StoreCollector:
         yield model_bytes
 
         backlog = GaugeMetricFamily(
-            "kvfabric_upload_backlog_bytes", "Bytes sealed on disk and waiting to upload to the object tier."
+            "kvfabric_upload_backlog_bytes", "Bytes accepted by the object tier and not uploaded yet."
         )
         backlog.add_metric([], snap.upload_backlog_bytes)
         yield backlog
+        pending = GaugeMetricFamily(
+            "kvfabric_writeback_pending_blocks", "Blocks waiting to be copied to a write-back tier.", labels=["tier"]
+        )
+        for tier, n in sorted(snap.counters.writeback_pending.items()):
+            pending.add_metric([tier], n)
+        yield pending
+        for field, name, help_ in _STORE_COUNTERS:
+            family = CounterMetricFamily(name, help_)
+            family.add_metric([], getattr(snap.counters, field))
+            yield family
 
 
 class Metrics:

@@ -38,7 +38,7 @@ def get_block(
     return BlockOut(
         namespace=key.namespace, fingerprint=fingerprint.lower(), prefix=prefix.lower(), parent=meta.parent.hex(),
         dtype=meta.dtype.name.lower(), shape=list(meta.shape), token_count=meta.token_count, nbytes=meta.nbytes,
-        created_ms=meta.created_ms, tier=str(tier), pinned=ctx.store.is_pinned(key),
+        created_ms=meta.created_ms, tier=str(tier), pinned=key in ctx.store.pinned(),
     )  # fmt: skip
 
 

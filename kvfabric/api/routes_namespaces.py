@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from kvfabric.api.auth import Principal, check_namespace, require
 from kvfabric.api.context import AdminContext, get_context
 from kvfabric.api.params import FingerprintParam, NamespaceParam, fingerprint_of, namespace_of
-from kvfabric.api.routes_stats import namespace_out
+from kvfabric.api.routes_stats import namespace_out, policy_out
 from kvfabric.api.schemas import Deleted, ErrorBody, ModelOut, NamespaceOut, NamespacePolicyOut, PolicyIn
+from kvfabric.store.config import NamespacePolicy
 
 router = APIRouter(prefix="/v1", tags=["namespaces"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
@@ -56,11 +57,10 @@ def delete_namespace(namespace: NamespaceParam, ctx: Ctx, principal: Writer) -> 
 def set_policy(namespace: NamespaceParam, body: PolicyIn, ctx: Ctx, principal: Admin) -> NamespacePolicyOut:
     ns = namespace_of(namespace)
     check_namespace(principal, ns)
-    current = ctx.store.namespace_policy(ns)
-    changes = body.model_dump(include=body.model_fields_set)
-    policy = ctx.store.set_namespace_policy(ns, **{"ttl_s": current.ttl_s, "quota_bytes": current.quota_bytes,
-                                                   **changes})  # fmt: skip
-    return NamespacePolicyOut(ttl_s=policy.ttl_s, quota_bytes=policy.quota_bytes)
+    current = policy_out(ctx, ns).model_dump()
+    merged = {**current, **body.model_dump(include=body.model_fields_set)}
+    ctx.store.set_namespace_policy(ns, NamespacePolicy(ttl_s=merged["ttl_s"], quota_bytes=merged["quota_bytes"]))
+    return policy_out(ctx, ns)
 
 
 @router.get("/models", response_model=list[ModelOut], summary="Registered models, with blocks held per model")

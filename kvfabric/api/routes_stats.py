@@ -21,6 +21,7 @@ from kvfabric.api.schemas import (
     NamespaceOut,
     NamespacePolicyOut,
     StatsOut,
+    StoreCountersOut,
     TierOut,
     TierRatesOut,
     Totals,
@@ -36,13 +37,20 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def policy_out(ctx: AdminContext, namespace: str) -> NamespacePolicyOut:
+    """The namespace's effective TTL and quota (its own, else the ``"*"`` default)."""
+    policy = ctx.store.config.namespace_policy(namespace)
+    if policy is None:
+        return NamespacePolicyOut(ttl_s=None, quota_bytes=None)
+    return NamespacePolicyOut(ttl_s=policy.ttl_s, quota_bytes=policy.quota_bytes)
+
+
 def namespace_out(ctx: AdminContext, usage: NamespaceUsage) -> NamespaceOut:
-    policy = ctx.store.namespace_policy(usage.namespace)
     return NamespaceOut(
         namespace=usage.namespace,
         blocks=usage.blocks,
         bytes=usage.bytes,
-        policy=NamespacePolicyOut(ttl_s=policy.ttl_s, quota_bytes=policy.quota_bytes),
+        policy=policy_out(ctx, usage.namespace),
         models=[
             ModelUsageOut(fingerprint=m.fingerprint, model=m.model, blocks=m.blocks, bytes=m.bytes)
             for m in usage.models
@@ -86,6 +94,9 @@ def stats(ctx: Ctx, principal: Reader) -> StatsOut:
         ),
         namespaces=[namespace_out(ctx, ns) for ns in visible],
         upload_backlog_bytes=snap.upload_backlog_bytes,
+        store=StoreCountersOut(
+            **{f: getattr(snap.counters, f) for f in StoreCountersOut.model_fields}  # same names, by design
+        ),
     )
 
 

@@ -73,6 +73,18 @@ class Totals(BaseModel):
     hit_rate: float | None
 
 
+class StoreCountersOut(BaseModel):
+    promotions: int
+    promotions_refused: int
+    demotions: int
+    expired: int
+    quota_evictions: int
+    writeback_dropped: int
+    flush_errors: int
+    unavailable: int
+    writeback_pending: dict[str, int] = Field(description="blocks waiting per write-back tier")
+
+
 class StatsOut(BaseModel):
     node_id: str
     version: str
@@ -82,6 +94,7 @@ class StatsOut(BaseModel):
     totals: Totals
     namespaces: list[NamespaceOut]
     upload_backlog_bytes: int
+    store: StoreCountersOut
 
 
 class TierRatesOut(BaseModel):
@@ -146,13 +159,14 @@ class Pinned(BaseModel):
 
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
 
 class PolicyIn(_Body):
     """Fields left out keep their current value; null removes the limit."""
 
-    ttl_s: float | None = Field(default=None, gt=0)
-    quota_bytes: Size | None = Field(default=None, description="bytes, or a size string such as '10GiB'")
+    ttl_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    quota_bytes: PositiveSize | None = Field(default=None, description="bytes, or a size string such as '10GiB'")
 
 
 class EvictIn(_Body):
@@ -162,8 +176,7 @@ class EvictIn(_Body):
 
 class Evicted(BaseModel):
     tier: str
-    evicted_blocks: int
-    evicted_bytes: int
+    evicted_bytes: int = Field(description="bytes freed in the tier (pinned blocks are never evicted)")
 
 
 class Compacted(BaseModel):

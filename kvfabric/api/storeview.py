@@ -55,12 +55,30 @@ class NamespaceUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreCounters:
+    """What the store does between its tiers (each tier counts its own reads and writes)."""
+
+    promotions: int
+    promotions_refused: int
+    demotions: int
+    expired: int
+    quota_evictions: int
+    writeback_dropped: int
+    flush_errors: int
+    unavailable: int
+    writeback_pending: dict[str, int]
+    """Blocks waiting to be copied to each write-back tier."""
+    last_flush_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSnapshot:
     time: float
     """Unix time of the snapshot."""
     tiers: tuple[TierSnapshot, ...]
     namespaces: tuple[NamespaceUsage, ...]
     upload_backlog_bytes: int
+    counters: StoreCounters
 
     def tier(self, name: str) -> TierSnapshot | None:
         return next((t for t in self.tiers if t.tier == name), None)
@@ -79,4 +97,9 @@ def take_snapshot(store: TieredStore) -> StoreSnapshot:
             )
         )
         namespaces.append(NamespaceUsage(str(ns), usage.blocks, usage.bytes, models))
-    return StoreSnapshot(time.time(), tiers, tuple(namespaces), store.upload_backlog_bytes())
+    s = store.store_stats()
+    counters = StoreCounters(
+        s.promotions, s.promotions_refused, s.demotions, s.expired, s.quota_evictions, s.writeback_dropped,
+        s.flush_errors, s.unavailable, {str(t): n for t, n in s.writeback_pending.items()}, s.last_flush_error,
+    )  # fmt: skip
+    return StoreSnapshot(time.time(), tiers, tuple(namespaces), store.upload_backlog_bytes(), counters)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from kvfabric.store.tiered import TieredStore
 
 from kvfabric.api.app import create_app
+from kvfabric.api.server import AdminServer
 from kvfabric.config import Settings
 from kvfabric.record import Block
 from kvfabric.spec import ModelSpec
@@ -79,28 +83,23 @@ def client(store: TieredStore, settings: Settings, blocks: dict[str, list[Block]
 
 
 class LiveServer:
-    """The admin app served by a real uvicorn on an ephemeral port, in a thread of the test process."""
+    """The admin app served by :class:`AdminServer` (real uvicorn, real socket, ephemeral port) on an event loop in
+    a thread of the test process; ``with LiveServer(app) as url``."""
 
-    def __init__(self, app: object) -> None:
-        import threading
-
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="admin-uvicorn", daemon=True)
+    def __init__(self, app: FastAPI) -> None:
+        self.admin = AdminServer(app, "127.0.0.1", 0)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="admin-server", daemon=True)
 
     def __enter__(self) -> str:
-        import time
-
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the admin server did not start")
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        asyncio.run_coroutine_threadsafe(self.admin.start(), self.loop).result(timeout=30)
+        return f"http://127.0.0.1:{self.admin.port}"
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        try:
+            asyncio.run_coroutine_threadsafe(self.admin.close(), self.loop).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            self.loop.close()

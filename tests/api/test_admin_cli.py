@@ -68,9 +68,9 @@ def test_block_pin_unpin_rm(
     ident = ["tenant-a", b.key.model.hex(), b.key.prefix.hex()]
     assert run_json(capsys, url, "a-read", "block", *ident)["tier"] == "ram"
     code, out, _ = run(capsys, url, "a-write", "pin", *ident)
-    assert (code, out.strip()) == (0, "pinned") and store.is_pinned(b.key)
+    assert (code, out.strip()) == (0, "pinned") and b.key in store.pinned()
     code, out, _ = run(capsys, url, "a-write", "unpin", *ident)
-    assert (code, out.strip()) == (0, "unpinned") and not store.is_pinned(b.key)
+    assert (code, out.strip()) == (0, "unpinned") and b.key not in store.pinned()
     code, out, _ = run(capsys, url, "a-write", "rm", "block", *ident)
     assert (code, out.strip()) == (0, "deleted 1 block(s)") and store.head(b.key) is None
 

@@ -25,7 +25,8 @@ def state(store: TieredStore) -> Any:
     """Everything an admin call could change, for 'nothing changed' checks."""
     return (
         {ns: (s.blocks, s.bytes, dict(s.models)) for ns, s in store.namespace_stats().items()},
-        {ns: store.namespace_policy(ns) for ns in ("tenant-a", "tenant-b")},
+        dict(store.config.namespaces),
+        store.pinned(),
     )
 
 
@@ -161,10 +162,13 @@ def test_config_view_is_admin_only_and_masked(client: TestClient) -> None:
 
 
 def test_tiers_view(client: TestClient) -> None:
-    tiers = {t["tier"]: t for t in client.get("/v1/tiers", headers=bearer(A_READ)).json()["tiers"]}
-    assert tiers["ram"]["capacity_bytes"] == 64 << 20
-    assert tiers["ram"]["persistent"] is False
-    assert tiers["disk"]["persistent"] is True
+    tiers = client.get("/v1/tiers", headers=bearer(A_READ)).json()["tiers"]
+    assert [t["tier"] for t in tiers] == ["ram", "disk"]
+    ram, disk = tiers
+    assert ram == {"tier": "ram", "capacity_bytes": 64 << 20, "persistent": False, "shared": False, "codec": "raw",
+                   "write_policy": "first"}  # fmt: skip
+    assert disk == {"tier": "disk", "capacity_bytes": 256 << 20, "persistent": True, "shared": False,
+                    "codec": "raw", "write_policy": "write-through"}  # fmt: skip
 
 
 # --- namespaces and models ----------------------------------------------------------------------------------------
@@ -214,8 +218,8 @@ def test_set_policy(client: TestClient, store: TieredStore) -> None:
     assert r.json() == {"ttl_s": 60.0, "quota_bytes": 1 << 30}
     r = client.put(url, json={"ttl_s": None}, headers=bearer(ADMIN))
     assert r.json() == {"ttl_s": None, "quota_bytes": 1 << 30}
-    p = store.namespace_policy("tenant-a")
-    assert (p.ttl_s, p.quota_bytes) == (None, 1 << 30)
+    p = store.config.namespace_policy("tenant-a")
+    assert p is not None and (p.ttl_s, p.quota_bytes) == (None, 1 << 30)
     assert client.get("/v1/namespaces/tenant-a", headers=bearer(A_READ)).json()["policy"]["quota_bytes"] == 1 << 30
 
 
@@ -300,7 +304,7 @@ def test_pin_and_unpin(client: TestClient, store: TieredStore, blocks: dict[str,
     assert client.put(block_path(b) + "/pin", headers=bearer(A_READ)).status_code == 403
     assert client.put(block_path(b) + "/pin", headers=bearer(A_WRITE)).json() == {"pinned": True}
     assert client.get(block_path(b), headers=bearer(A_READ)).json()["pinned"] is True
-    assert store.is_pinned(b.key)
+    assert b.key in store.pinned()
     assert client.delete(block_path(b) + "/pin", headers=bearer(A_WRITE)).json() == {"pinned": False}
     assert client.get(block_path(b), headers=bearer(A_READ)).json()["pinned"] is False
     missing = block_path(b)[:-64] + "1" * 64
@@ -312,7 +316,9 @@ def test_evict(client: TestClient, store: TieredStore) -> None:
     r = client.post("/v1/evict", json={"tier": "ram", "bytes": "1GiB"}, headers=bearer(ADMIN))
     assert r.status_code == 200
     j = r.json()
-    assert j["tier"] == "ram" and j["evicted_blocks"] >= 0 and j["evicted_bytes"] >= 0
+    assert j["tier"] == "ram" and j["evicted_bytes"] > 0
+    assert store.tier_stats()["ram"].blocks == 0  # everything left RAM ...
+    assert store.namespace_stats()["tenant-a"].blocks == 7  # ... for the disk tier, which still holds it
     assert client.post("/v1/evict", json={"tier": "ram", "bytes": 1}, headers=bearer(A_WRITE)).status_code == 403
     r = client.post("/v1/evict", json={"tier": "tape", "bytes": 1}, headers=bearer(ADMIN))
     assert r.status_code == 404 and "tape" in r.json()["detail"]
@@ -344,3 +350,27 @@ def test_extra_routers_are_mounted(store: TieredStore, settings: Settings) -> No
 
     with TestClient(create_app(store, settings, extra_routers=[router])) as c:
         assert c.get("/v1/route").json() == {"engine": "e1"}
+
+
+def test_admin_server_binds_real_ports_and_reports_a_taken_one(store: TieredStore, settings: Settings) -> None:
+    import asyncio
+
+    import httpx
+
+    from kvfabric.api.server import AdminServer
+
+    async def scenario() -> None:
+        first = AdminServer(create_app(store, settings), "127.0.0.1", 0)
+        await first.start()
+        try:
+            async with httpx.AsyncClient() as http:
+                r = await http.get(f"http://127.0.0.1:{first.port}/healthz")
+                assert r.json() == {"status": "ok"}
+            clash = AdminServer(create_app(store, settings), "127.0.0.1", first.port)
+            with pytest.raises(OSError, match=f"could not start on 127.0.0.1:{first.port}"):
+                await clash.start()
+        finally:
+            await first.close()
+            await first.close()  # idempotent
+
+    asyncio.run(scenario())

@@ -232,4 +232,3 @@ def test_a_store_opens_from_settings(tmp_path: Path) -> None:
         assert store.tier_stats()["ram"].capacity_bytes == 8 << 20
     finally:
         store.close()
-

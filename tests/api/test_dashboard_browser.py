@@ -70,6 +70,7 @@ def load_dashboard(url: str, shot: Path) -> tuple[list[dict[str, Any]], list[str
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url)
             page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            page.wait_for_selector("#chart-hit-rate path[data-series]", state="attached", timeout=30_000)
             page.wait_for_selector("#chart-throughput path[data-series]", state="attached", timeout=30_000)
             shown = page.eval_on_selector_all(
                 "[data-field]",
@@ -94,11 +95,16 @@ def test_dashboard_shows_the_numbers_of_v1_stats(
 
     shot = tmp_path / "dashboard.png"
     with LiveServer(create_app(store, settings)) as url, httpx.Client(base_url=url, headers=bearer("admin")) as http:
-        # Let the sampler collect a few points so the charts have lines to draw.
-        deadline = time.monotonic() + 30
-        while len(http.get("/v1/stats/history").json()["points"]) < 3:
+        # Traffic over several sampling intervals, so the over-time charts have something to draw; then quiet.
+        deadline = time.monotonic() + 60
+        n = 0
+        while len(http.get("/v1/stats/history").json()["points"]) < 8:
             assert time.monotonic() < deadline, "the stats sampler produced no history"
-            time.sleep(0.05)
+            assert store.get(blocks["a"][n % 5].key) is not None
+            if n % 3 == 0:
+                assert store.get(make_chain(1, namespace="tenant-b", seed=1000 + n)[0].key) is None
+            n += 1
+            time.sleep(0.02)
         shown, errors, final_url = load_dashboard(f"{url}/#token={TOKENS['admin']['token']}", shot)
         # The page's numbers and this answer are read back to back; nothing writes to the store meanwhile.
         stats = http.get("/v1/stats").json()
@@ -124,4 +130,7 @@ def test_dashboard_shows_the_numbers_of_v1_stats(
             assert (tier, f) in fields
     assert {el["namespace"] for el in shown if el.get("namespace")} == {"tenant-a", "tenant-b"}
     assert sum(1 for el in shown if el.get("fingerprint")) == 3 * 2  # three (namespace, model) rows, two numbers
-    assert checked >= 30
+    assert {"store.promotions", "store.quota_evictions", "store.writeback_pending.disk"} <= {
+        el["field"] for el in shown
+    }
+    assert checked >= 35

@@ -109,6 +109,25 @@
     }
   }
 
+  const STORE_ROWS = [
+    ["promotions", "promotions", "count"], ["demotions", "demotions", "count"],
+    ["quota_evictions", "quota evictions", "count"], ["expired", "expired (TTL)", "count"],
+    ["writeback_dropped", "write-back dropped", "count"], ["flush_errors", "flush errors", "count"],
+    ["unavailable", "tier unavailable", "count"],
+  ];
+
+  function renderStore(stats) {
+    const dl = $("store-counters");
+    dl.replaceChildren();
+    for (const [field, label, kind] of STORE_ROWS) {
+      dl.append(el("dt", {}, label), num("dd", stats.store[field], kind, { "data-field": "store." + field }));
+    }
+    for (const [tier, n] of Object.entries(stats.store.writeback_pending)) {
+      dl.append(el("dt", {}, `pending → ${tier}`),
+        num("dd", n, "count", { "data-field": "store.writeback_pending." + tier }));
+    }
+  }
+
   function renderTotals(stats) {
     setNum($("total-blocks"), stats.totals.blocks, "count");
     setNum($("total-bytes"), stats.totals.bytes, "bytes");
@@ -181,9 +200,9 @@
   }
 
   // --- a tiny SVG line chart ----------------------------------------------------------------------------------
-  function lineChart(svg, series, { format, yMax, empty = "collecting samples…" } = {}) {
+  function lineChart(svg, series, { format, yMax, xRange, empty = "collecting samples…" } = {}) {
     const W = Math.max(200, svg.clientWidth || 400), H = Math.max(100, svg.clientHeight || 180);
-    const L = 64, R = 10, T = 8, B = 20;
+    const L = 64, R = 10, T = 22, B = 20;
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.replaceChildren();
     const pts = series.flatMap((s) => s.points);
@@ -191,7 +210,7 @@
       svg.append(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, empty));
       return;
     }
-    const x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
+    const [x0, x1] = xRange || [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
     const top = yMax ?? niceMax(Math.max(...pts.map((p) => p[1])));
     const sx = (x) => L + ((x - x0) / Math.max(1e-9, x1 - x0)) * (W - L - R);
     const sy = (y) => T + (1 - y / (top || 1)) * (H - T - B);
@@ -203,13 +222,15 @@
     const span = x1 - x0;
     svg.append(svgEl("text", { x: L, y: H - 4 }, `-${fmtSeconds(span)}`));
     svg.append(svgEl("text", { x: W - R, y: H - 4, "text-anchor": "end" }, "now"));
-    let lx = L + 8;
+    let lx = L;
     for (const s of series) {
       if (!s.points.length) continue;
       const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
-      svg.append(svgEl("path", { d, fill: "none", stroke: s.color, "stroke-width": 2, "data-series": s.name }));
-      svg.append(svgEl("rect", { x: lx, y: T + 2, width: 10, height: 3, fill: s.color }));
-      svg.append(svgEl("text", { x: lx + 14, y: T + 7 }, s.name));
+      const line = { d, fill: "none", stroke: s.color, "stroke-width": 2, "data-series": s.name };
+      if (s.dash) line["stroke-dasharray"] = s.dash;
+      svg.append(svgEl("path", line));
+      svg.append(svgEl("rect", { x: lx, y: 5, width: 10, height: 3, fill: s.color }));
+      svg.append(svgEl("text", { x: lx + 14, y: 10 }, s.name));
       lx += 24 + 7 * s.name.length;
     }
   }
@@ -230,6 +251,7 @@
 
   function renderCharts(hist) {
     const pts = hist.points;
+    const xRange = pts.length >= 2 ? [pts[0].time, pts[pts.length - 1].time] : undefined;
     const tiers = [...new Set(pts.flatMap((p) => p.tiers.map((t) => t.tier)))];
     const color = (t) => getComputedStyle(document.body).getPropertyValue("--" + t).trim() || "#888";
     const perTier = (f) => tiers.map((t) => ({
@@ -241,17 +263,18 @@
       }),
     }));
     lineChart($("chart-hit-rate"), [
-      { name: "node", color: "#111827", points: pts.filter((p) => p.hit_rate !== null).map((p) => [p.time, p.hit_rate]) },
       ...perTier((t) => t.hit_rate),
-    ], { format: fmtPct, yMax: 1, empty: pts.length ? "no reads in this window" : "collecting samples…" });
+      { name: "node", color: "#111827", dash: "5 3",
+        points: pts.filter((p) => p.hit_rate !== null).map((p) => [p.time, p.hit_rate]) },
+    ], { format: fmtPct, yMax: 1, xRange, empty: pts.length ? "no reads in this window" : "collecting samples…" });
     lineChart($("chart-throughput"), [
       { name: "read", color: color("ram"), points: pts.map((p) => [p.time, p.read_bytes_per_s]) },
       { name: "write", color: color("disk"), points: pts.map((p) => [p.time, p.write_bytes_per_s]) },
-    ], { format: fmtRate });
-    lineChart($("chart-occupancy"), perTier((t) => t.bytes), { format: fmtBytes });
+    ], { format: fmtRate, xRange });
+    lineChart($("chart-occupancy"), perTier((t) => t.bytes), { format: fmtBytes, xRange });
     lineChart($("chart-backlog"), [
       { name: "backlog", color: color("object"), points: pts.map((p) => [p.time, p.upload_backlog_bytes]) },
-    ], { format: fmtBytes });
+    ], { format: fmtBytes, xRange });
   }
 
   // --- the loop -----------------------------------------------------------------------------------------------
@@ -273,6 +296,7 @@
       }
       renderTiers(stats);
       renderTotals(stats);
+      renderStore(stats);
       renderTables(stats);
       renderErrors(errors, denied);
       renderCharts(hist);
