@@ -231,6 +231,8 @@ class StoreSettings(_Section):
     """Above high x ram_bytes the store evicts (demoting to lower tiers) down to low x ram_bytes."""
     shm_dir: str | None = "/dev/shm"
     """Directory of the RAM arena's shared-memory file (same-host zero-copy reads); unset: anonymous memory."""
+    ram_prefault: bool = False
+    """Fault the whole RAM arena in at start (steady latency from the first put; takes ram_bytes at once)."""
     flush_interval_s: float = Field(0.2, gt=0)
     """How often write-back queues are drained in the background."""
     writeback_backlog_max: int = Field(1_000_000, gt=0)
@@ -353,6 +355,7 @@ class Settings(BaseSettings):
             ram_high_watermark=st.ram_high_watermark,
             ram_low_watermark=st.ram_low_watermark,
             shm_dir=st.shm_dir,
+            ram_prefault=st.ram_prefault,
             flush_interval_s=st.flush_interval_s,
             writeback_backlog_max=st.writeback_backlog_max,
         )

@@ -47,11 +47,11 @@ from kvfabric.ids import BlockKey, ModelFingerprint, Namespace, TierId
 from kvfabric.record import Block, BlockMeta, decode_record
 from kvfabric.spec import ModelSpec
 from kvfabric.store.catalog import Catalog, NamespaceStats
-from kvfabric.store.config import WRITE_THROUGH, StoreConfig
+from kvfabric.store.config import WRITE_THROUGH, NamespacePolicy, StoreConfig
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
-from kvfabric.store.tier import Tier, TierStats
+from kvfabric.store.tier import Tier, TierCapabilities, TierStats
 
 N_STRIPES = 64
 FLUSH_BATCH = 64
@@ -484,6 +484,30 @@ class TieredStore:
     @property
     def tiers(self) -> list[TierId]:
         return [t.tier_id for t in self._tiers]
+
+    def tier_capabilities(self) -> dict[TierId, TierCapabilities]:
+        """What each tier is (persistent, shared, ...), nearest first: the admin API's tier view."""
+        return {t.tier_id: t.capabilities for t in self._tiers}
+
+    def upload_backlog_bytes(self) -> int:
+        """Bytes accepted by tiers that upload in the background (the object tier) and not uploaded yet."""
+        total = 0
+        for tier in self._lower:
+            object_stats = getattr(tier, "object_stats", None)
+            if callable(object_stats):
+                total += object_stats().backlog_bytes
+        return total
+
+    def set_namespace_policy(self, namespace: Namespace, policy: NamespacePolicy | None) -> None:
+        """Replace ``namespace``'s TTL and quota at runtime (``None``: back to the default, ``"*"``'s). Applies from
+        the next put or read on; a lowered quota is met by the next put's quota eviction, not at once."""
+        with self._lock:
+            namespaces = dict(self.config.namespaces)
+            if policy is None:
+                namespaces.pop(namespace, None)
+            else:
+                namespaces[namespace] = policy
+            self.config = replace(self.config, namespaces=namespaces)
 
     # --- validation and quotas -------------------------------------------------------------------------------------
     def _validated(self, block: Block) -> Block:

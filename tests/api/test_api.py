@@ -16,7 +16,7 @@ from kvfabric.api.app import create_app
 from kvfabric.config import Settings
 from kvfabric.record import Block
 from tests.api.conftest import SPEC_B, bearer
-from tests.blocks import SPEC
+from tests.blocks import SPEC, make_chain
 
 ADMIN, OPS_READ, A_READ, A_WRITE, B_WRITE = "admin", "ops-read", "a-read", "a-write", "b-write"
 
@@ -374,3 +374,17 @@ def test_admin_server_binds_real_ports_and_reports_a_taken_one(store: TieredStor
             await first.close()  # idempotent
 
     asyncio.run(scenario())
+
+
+def test_a_quota_set_through_the_api_is_enforced_by_the_store(client: TestClient, store: TieredStore) -> None:
+    quota = 6 * SPEC.block_nbytes  # tenant-a holds 5 SPEC + 2 smaller SPEC_B blocks: already over 6 SPEC blocks
+    r = client.put("/v1/namespaces/tenant-a/policy", json={"quota_bytes": quota}, headers=bearer(ADMIN))
+    assert r.json()["quota_bytes"] == quota
+    store.put_many(make_chain(3, namespace="tenant-a", seed=123))
+    usage = store.namespace_stats()["tenant-a"]
+    assert usage.bytes <= quota
+    stats = client.get("/v1/stats", headers=bearer(A_READ)).json()
+    assert stats["store"]["quota_evictions"] > 0
+    (ns,) = stats["namespaces"]
+    assert ns["bytes"] == usage.bytes <= quota and ns["policy"]["quota_bytes"] == quota
+    assert store.namespace_stats()["tenant-b"].blocks == 3  # other namespaces untouched
