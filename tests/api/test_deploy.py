@@ -60,3 +60,12 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     assert f"{path}/kvfabric-dashboard.json" in mounts
     dash = json.loads((DEPLOY / "grafana" / "kvfabric-dashboard.json").read_text())
     assert dash["uid"] == "kvfabric-overview" and dash["panels"]
+
+
+def test_grafana_json_is_built_from_its_script() -> None:
+    import runpy
+
+    script = runpy.run_path(str(DEPLOY / "grafana" / "build_dashboard.py"))
+    assert (DEPLOY / "grafana" / "kvfabric-dashboard.json").read_text() == script["render"](), (
+        "run python deploy/grafana/build_dashboard.py"
+    )
