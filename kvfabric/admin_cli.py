@@ -1,7 +1,8 @@
 """Admin subcommands of the ``kvfabric`` CLI. Each one is a call to a node's REST admin API over HTTP (httpx), so
 they work against a remote node exactly as against a local one; ``config show`` alone reads the local config.
 
-    kvfabric stats | ls [NS] | models | block NS FP PREFIX | pin/unpin NS FP PREFIX | rm block|model|namespace ...
+    kvfabric stats | ls [NS [FP]] | models | pins | block NS FP PREFIX | pin/unpin NS FP PREFIX
+    kvfabric rm block|prefix|model|namespace ...
     kvfabric policy NS [--ttl S|none] [--quota SIZE|none] | evict --tier T --bytes SIZE | compact | tiers | errors
     kvfabric health | config show [--config FILE] [--format toml|json] [--remote]
 
@@ -132,6 +133,8 @@ def _stats(api: AdminAPI, args: argparse.Namespace) -> Any:
 
 
 def _ls(api: AdminAPI, args: argparse.Namespace) -> Any:
+    if args.fingerprint is not None:
+        return _ls_blocks(api, args)
     if args.namespace is None:
         out = api.call("GET", "/v1/namespaces")
         return out if args.json else _print_namespaces(out)
@@ -140,6 +143,37 @@ def _ls(api: AdminAPI, args: argparse.Namespace) -> Any:
         return ns
     rows = [(m["model"] or "?", m["fingerprint"], m["blocks"], _size(m["bytes"])) for m in ns["models"]]
     print(_table(rows, ["model", "fingerprint", "blocks", "bytes"]))
+    return None
+
+
+def _ls_blocks(api: AdminAPI, args: argparse.Namespace) -> Any:
+    path = f"/v1/namespaces/{args.namespace}/models/{args.fingerprint}/blocks?limit={args.limit}"
+    page = api.call("GET", path + (f"&after={args.after}" if args.after else ""))
+    if args.json:
+        return page
+    rows = [
+        (
+            b["prefix"],
+            b["parent"][:16] + "…",
+            b["token_count"],
+            _size(b["nbytes"]),
+            b["tier"],
+            "yes" if b["pinned"] else "",
+        )
+        for b in page["blocks"]
+    ]
+    print(_table(rows, ["prefix", "parent", "tokens", "bytes", "tier", "pinned"]))
+    if page["next"]:
+        print(f"\nmore: --after {page['next']}")
+    return None
+
+
+def _pins(api: AdminAPI, args: argparse.Namespace) -> Any:
+    out = api.call("GET", "/v1/pins")
+    if args.json:
+        return out
+    rows = [(p["namespace"], p["fingerprint"], p["prefix"], "yes" if p["stored"] else "not yet") for p in out]
+    print(_table(rows, ["namespace", "fingerprint", "prefix", "stored"]))
     return None
 
 
@@ -173,6 +207,8 @@ def _pin(api: AdminAPI, args: argparse.Namespace) -> Any:
 def _rm(api: AdminAPI, args: argparse.Namespace) -> Any:
     if args.what == "block":
         path = _block_path(args)
+    elif args.what == "prefix":
+        path = f"/v1/namespaces/{args.namespace}/models/{args.fingerprint}/prefixes/{args.prefix}"
     elif args.what == "model":
         path = f"/v1/namespaces/{args.namespace}/models/{args.fingerprint}"
     else:
@@ -304,22 +340,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         return p
 
     add("stats", _stats, "per-tier, per-namespace statistics of a node")
-    ls = add("ls", _ls, "list namespaces, or the models in one namespace")
+    ls = add("ls", _ls, "list namespaces, the models in a namespace, or a model's blocks in a namespace")
     ls.add_argument("namespace", nargs="?")
+    ls.add_argument("fingerprint", nargs="?", help="model fingerprint: list its blocks")
+    ls.add_argument("--limit", type=int, default=100, help="blocks per page (default %(default)s)")
+    ls.add_argument("--after", help="continue after this prefix hash (from the previous page)")
+    add("pins", _pins, "list pinned blocks")
     add("models", _models, "list registered models with their block counts")
     _block_args(add("block", _block, "show one block's metadata and tier"))
     _block_args(add("pin", _pin, "pin a block (never evicted)"))
     _block_args(add("unpin", _pin, "unpin a block"))
 
-    rm = subparsers.add_parser("rm", help="delete a block, a model's blocks, or a namespace")
+    rm = subparsers.add_parser("rm", help="delete a block, a prefix, a model's blocks, or a namespace")
     rm_sub = rm.add_subparsers(dest="what", required=True)
-    for what, help_ in (("block", "delete one block"), ("model", "delete a model's blocks in a namespace"),
+    for what, help_ in (("block", "delete one block"),
+                        ("prefix", "delete a block and every block whose chain extends it"),
+                        ("model", "delete a model's blocks in a namespace"),
                         ("namespace", "delete every block of a namespace")):  # fmt: skip
         p = rm_sub.add_parser(what, parents=[http], help=help_)
         p.add_argument("namespace")
         if what != "namespace":
             p.add_argument("fingerprint", help="model fingerprint (64 hex digits)")
-        if what == "block":
+        if what in ("block", "prefix"):
             p.add_argument("prefix", help="prefix hash of the block (64 hex digits)")
         if what == "namespace":
             p.add_argument("--yes", action="store_true", help="confirm")

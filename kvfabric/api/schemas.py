@@ -198,3 +198,15 @@ class TiersOut(BaseModel):
 
 class ConfigOut(BaseModel):
     config: dict[str, Any] = Field(description="effective configuration, secrets masked")
+
+
+class BlockPage(BaseModel):
+    blocks: list[BlockOut]
+    next: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class PinOut(BaseModel):
+    namespace: str
+    fingerprint: str
+    prefix: str
+    stored: bool = Field(description="the block is stored now (a pin may be recorded before its block arrives)")

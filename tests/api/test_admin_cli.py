@@ -145,3 +145,25 @@ def test_entry_point_runs_as_a_process(url: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["node_id"] == "test-node"
+
+
+def test_ls_blocks_pins_and_rm_prefix(
+    capsys: pytest.CaptureFixture[str], url: str, store: TieredStore, blocks: dict[str, list[Block]]
+) -> None:
+    chain = blocks["a"]
+    fp = SPEC.fingerprint().hex()
+    page = run_json(capsys, url, "a-read", "ls", "tenant-a", fp, "--limit", "3")
+    assert len(page["blocks"]) == 3 and page["next"] is not None
+    rest = run_json(capsys, url, "a-read", "ls", "tenant-a", fp, "--after", page["next"])
+    assert len(rest["blocks"]) == 2 and rest["next"] is None
+    code, out, _ = run(capsys, url, "a-read", "ls", "tenant-a", fp, "--limit", "3")
+    assert code == 0 and "more: --after" in out and out.count(" ram ") + out.count("ram\n") >= 1
+
+    code, out, _ = run(capsys, url, "a-write", "pin", "tenant-a", fp, chain[0].key.prefix.hex())
+    assert code == 0
+    code, out, _ = run(capsys, url, "a-read", "pins")
+    assert code == 0 and chain[0].key.prefix.hex() in out
+
+    code, out, _ = run(capsys, url, "a-write", "rm", "prefix", "tenant-a", fp, chain[3].key.prefix.hex())
+    assert (code, out.strip()) == (0, "deleted 2 block(s)")
+    assert [store.head(b.key) is not None for b in chain] == [True, True, True, False, False]

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
-from kvfabric.store.tiered import TieredStore
 
 from kvfabric.api.app import create_app
 from kvfabric.config import Settings
-from kvfabric.record import Block
+from kvfabric.hashing import block_hash
+from kvfabric.ids import BlockKey, PrefixHash
+from kvfabric.record import Block, BlockMeta
+from kvfabric.store.tiered import TieredStore
 from tests.api.conftest import SPEC_B, bearer
 from tests.blocks import SPEC, make_chain
 
@@ -59,6 +61,8 @@ def test_openapi_is_served_and_lists_every_route(client: TestClient) -> None:
         "/v1/namespaces/{namespace}/models/{fingerprint}",
         "/v1/namespaces/{namespace}/models/{fingerprint}/blocks/{prefix}",
         "/v1/namespaces/{namespace}/models/{fingerprint}/blocks/{prefix}/pin", "/v1/tiers", "/v1/evict",
+        "/v1/namespaces/{namespace}/models/{fingerprint}/blocks", "/v1/pins",
+        "/v1/namespaces/{namespace}/models/{fingerprint}/prefixes/{prefix}",
         "/v1/compact",
     ):  # fmt: skip
         assert p in paths, p
@@ -388,3 +392,65 @@ def test_a_quota_set_through_the_api_is_enforced_by_the_store(client: TestClient
     (ns,) = stats["namespaces"]
     assert ns["bytes"] == usage.bytes <= quota and ns["policy"]["quota_bytes"] == quota
     assert store.namespace_stats()["tenant-b"].blocks == 3  # other namespaces untouched
+
+
+def test_list_blocks_pages_through_a_models_blocks(client: TestClient, blocks: dict[str, list[Block]]) -> None:
+    base = f"/v1/namespaces/tenant-a/models/{SPEC.fingerprint().hex()}/blocks"
+    want = sorted(b.key.prefix.hex() for b in blocks["a"])
+    seen, after = [], None
+    while True:
+        url = base + "?limit=2" + (f"&after={after}" if after else "")
+        page = client.get(url, headers=bearer(A_READ)).json()
+        seen += [b["prefix"] for b in page["blocks"]]
+        assert all(
+            b["fingerprint"] == SPEC.fingerprint().hex() and b["namespace"] == "tenant-a" for b in page["blocks"]
+        )
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == want
+    assert client.get(base, headers=bearer(A_READ)).json()["next"] is None
+    other = f"/v1/namespaces/tenant-b/models/{SPEC.fingerprint().hex()}/blocks"
+    assert client.get(other, headers=bearer(A_READ)).status_code == 403
+    for bad in ("?limit=0", "?limit=10001", "?after=xyz"):
+        assert client.get(base + bad, headers=bearer(A_READ)).status_code == 422
+
+
+def test_delete_prefix_removes_the_block_and_everything_extending_it(
+    client: TestClient, store: TieredStore, blocks: dict[str, list[Block]]
+) -> None:
+    chain = blocks["a"]
+    # A branch off chain[1]: same first two blocks, different third block onwards.
+    fork_parent = chain[1]
+    branch = []
+    parent = fork_parent.key.prefix
+    for i, b in enumerate(make_chain(2, namespace="tenant-a", seed=500)):
+        prefix = block_hash(parent, [7 + i] * SPEC.block_size)
+        meta = BlockMeta(BlockKey(b.key.namespace, b.key.model, prefix), b.meta.dtype, b.meta.shape,
+                         b.meta.token_count, parent, b.meta.created_ms)  # fmt: skip
+        branch.append(Block(meta, b.payload))
+        parent = prefix
+    store.put_many(branch)
+    url = f"/v1/namespaces/tenant-a/models/{SPEC.fingerprint().hex()}/prefixes/{chain[2].key.prefix.hex()}"
+    before = state(store)
+    assert client.delete(url, headers=bearer(A_READ)).status_code == 403
+    assert client.delete(url, headers=bearer(B_WRITE)).status_code == 403
+    assert state(store) == before
+    assert client.delete(url, headers=bearer(A_WRITE)).json() == {"deleted": 3}  # chain[2:]
+    assert [store.head(b.key) is not None for b in chain] == [True, True, False, False, False]
+    assert all(store.head(b.key) is not None for b in branch)  # the fork off chain[1] does not extend chain[2]
+    fork = f"/v1/namespaces/tenant-a/models/{SPEC.fingerprint().hex()}/prefixes/{chain[1].key.prefix.hex()}"
+    assert client.delete(fork, headers=bearer(A_WRITE)).json() == {"deleted": 3}  # chain[1] + the branch
+    assert store.namespace_stats()["tenant-a"].blocks == 1 + 2  # chain[0] and the SPEC_B chain
+    assert client.delete(fork, headers=bearer(A_WRITE)).json() == {"deleted": 0}
+
+
+def test_pins_listing(client: TestClient, store: TieredStore, blocks: dict[str, list[Block]]) -> None:
+    a, b = blocks["a"][0], blocks["b"][0]
+    store.pin(a.key)
+    store.pin(b.key)
+    ghost = BlockKey(a.key.namespace, a.key.model, PrefixHash(bytes(range(32))))
+    store.pin(ghost)  # a pin recorded before its block arrives
+    mine = client.get("/v1/pins", headers=bearer(A_READ)).json()
+    assert {(p["prefix"], p["stored"]) for p in mine} == {(a.key.prefix.hex(), True), (ghost.prefix.hex(), False)}
+    assert len(client.get("/v1/pins", headers=bearer(ADMIN)).json()) == 3
