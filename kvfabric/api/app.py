@@ -77,9 +77,7 @@ def create_app(
     @app.middleware("http")
     async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
         response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.admin_requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.admin_requests.labels(request.method, _route_path(request), str(response.status_code)).inc()
         return response
 
     @app.exception_handler(KVFabricError)
@@ -90,12 +88,25 @@ def create_app(
             metrics.errors.labels(type(exc).__name__).inc()
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still re-raises after this response, so the server logs the traceback as well.
+        ctx.errors.record(type(exc).__name__, f"{request.method} {request.url.path}: {exc}")
+        metrics.errors.labels(type(exc).__name__).inc()
+        metrics.admin_requests.labels(request.method, _route_path(request), "500").inc()
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
     @app.get("/", include_in_schema=False)
     def dashboard() -> Response:
         return FileResponse(DASHBOARD_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR), name="dashboard")
     return app
+
+
+def _route_path(request: Request) -> str:
+    """The route's template (``/v1/namespaces/{namespace}``), never the raw path: bounded label values."""
+    return str(getattr(request.scope.get("route"), "path", "unmatched"))
 
 
 def _status_of(exc: KVFabricError) -> int:

@@ -454,3 +454,19 @@ def test_pins_listing(client: TestClient, store: TieredStore, blocks: dict[str, 
     mine = client.get("/v1/pins", headers=bearer(A_READ)).json()
     assert {(p["prefix"], p["stored"]) for p in mine} == {(a.key.prefix.hex(), True), (ghost.prefix.hex(), False)}
     assert len(client.get("/v1/pins", headers=bearer(ADMIN)).json()) == 3
+
+
+def test_an_unexpected_failure_is_a_500_counted_and_logged(store: TieredStore, settings: Settings) -> None:
+    router = APIRouter()
+
+    @router.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    app = create_app(store, settings, extra_routers=[router])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/boom")
+        assert r.status_code == 500 and r.json() == {"detail": "internal error: RuntimeError"}
+        errors = c.get("/v1/errors", headers=bearer(OPS_READ)).json()
+        assert errors[-1]["kind"] == "RuntimeError" and "kaboom" in errors[-1]["message"]
+        assert 'kvfabric_errors_total{kind="RuntimeError"} 1.0' in c.get("/metrics", headers=bearer(OPS_READ)).text
