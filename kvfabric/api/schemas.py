@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from kvfabric.config import parse_size
 
@@ -158,8 +158,19 @@ class Pinned(BaseModel):
     pinned: bool
 
 
-Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
-PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$"
+"""Size strings ``parse_size`` accepts: ``"4096"``, ``"64GiB"``, ``"1.5 GB"``, ``"2k"``."""
+
+
+def _size_schema(minimum: int) -> WithJsonSchema:
+    # Published as what the API really accepts: a byte count, or a size string.
+    return WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": minimum}, {"type": "string", "pattern": SIZE_PATTERN}]
+    })  # fmt: skip
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0), _size_schema(0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0), _size_schema(1)]
 
 
 class PolicyIn(_Body):
