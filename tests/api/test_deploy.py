@@ -69,3 +69,21 @@ def test_grafana_json_is_built_from_its_script() -> None:
     assert (DEPLOY / "grafana" / "kvfabric-dashboard.json").read_text() == script["render"](), (
         "run python deploy/grafana/build_dashboard.py"
     )
+
+
+def test_helm_values_config_loads_with_the_charts_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    values = yaml.safe_load((DEPLOY / "helm" / "kvfabric" / "values.yaml").read_text())
+    cfg = tmp_path / "kvfabric.toml"
+    cfg.write_text(values["config"])
+    # What templates/secret.yaml and statefulset.yaml put in the environment:
+    tokens = [{"token": "ops-token-0123456789", "tenant": "ops", "scopes": ["admin"], "namespaces": ["*"]}]
+    monkeypatch.setenv("KVFABRIC_SERVER__SERVER_SECRET", "chart-secret")
+    monkeypatch.setenv("KVFABRIC_SERVER__AUTH__TOKENS", json.dumps(tokens))
+    monkeypatch.setenv("KVFABRIC_STORE__NODE_ID", "kvfabric-0")
+    s = load_settings(cfg)
+    assert s.server.auth.enabled and s.server.auth.tokens[0].tenant == "ops"
+    assert s.store.node_id == "kvfabric-0"
+    assert str(s.store.data_dir) == "/var/lib/kvfabric"
+    assert s.server.port == values["ports"]["data"] and s.server.admin_port == values["ports"]["admin"]
+    statefulset = (DEPLOY / "helm" / "kvfabric" / "templates" / "statefulset.yaml").read_text()
+    assert "/healthz" in statefulset and "/readyz" in statefulset and "mountPath: /var/lib/kvfabric" in statefulset
