@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -21,6 +21,7 @@ from kvfabric.api.auth import Authenticator
 from kvfabric.api.context import AdminContext
 from kvfabric.api.history import ErrorLog, StatsHistory
 from kvfabric.api.metrics import Metrics
+from kvfabric.api.params import reject_unknown_query
 from kvfabric.config import Settings
 from kvfabric.errors import ConfigError, InvalidBlockError, KVFabricError, TierUnavailableError
 from kvfabric.store.tiered import TieredStore
@@ -66,6 +67,7 @@ def create_app(
         description="Health, statistics, namespaces, models, blocks, pins, policies and maintenance of one "
         "kvfabric node. Send `Authorization: Bearer <token>`; scopes: read < write < admin.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.kvfabric = ctx
 

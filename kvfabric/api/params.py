@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Path
+from fastapi import Path, Request
+from fastapi.dependencies.utils import get_flat_dependant
 from fastapi.exceptions import RequestValidationError
 
 from kvfabric.ids import MAX_NAMESPACE_BYTES, BlockKey, ModelFingerprint, Namespace, PrefixHash
@@ -39,3 +40,21 @@ def namespace_of(name: str) -> Namespace:
             }]
         )  # fmt: skip
     return Namespace(name)
+
+
+def reject_unknown_query(request: Request) -> None:
+    """App-wide dependency: a query parameter the route does not declare is a 422 naming it, not silently ignored
+    (a misspelt ``?limt=10`` must not quietly return the default)."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    allowed = {p.alias for p in get_flat_dependant(dependant).query_params}
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "unknown query parameter", "type": "extra_forbidden",
+                 "input": request.query_params[name]}
+                for name in unknown
+            ]
+        )  # fmt: skip

@@ -470,3 +470,11 @@ def test_an_unexpected_failure_is_a_500_counted_and_logged(store: TieredStore, s
         errors = c.get("/v1/errors", headers=bearer(OPS_READ)).json()
         assert errors[-1]["kind"] == "RuntimeError" and "kaboom" in errors[-1]["message"]
         assert 'kvfabric_errors_total{kind="RuntimeError"} 1.0' in c.get("/metrics", headers=bearer(OPS_READ)).text
+
+
+def test_unknown_query_parameters_are_rejected(client: TestClient) -> None:
+    base = f"/v1/namespaces/tenant-a/models/{SPEC.fingerprint().hex()}/blocks"
+    r = client.get(base + "?limt=10", headers=bearer(A_READ))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limt"]
+    assert client.get("/v1/stats?verbose=1", headers=bearer(A_READ)).status_code == 422
+    assert client.get(base + "?limit=10", headers=bearer(A_READ)).status_code == 200
