@@ -118,11 +118,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.get_seconds = Histogram(
-            "kvfabric_get_seconds", "Latency of block reads, by the tier that served them ('miss' for misses).",
+            "kvfabric_get_seconds",
+            "Latency of get requests by where they were served: ram, lower (a tier below RAM), miss.",
             ["tier"], registry=self.registry, buckets=LATENCY_BUCKETS_S,
         )  # fmt: skip
         self.put_seconds = Histogram(
-            "kvfabric_put_seconds", "Latency of block writes, by the first tier written.", ["tier"],
+            "kvfabric_put_seconds", "Latency of put requests (every put lands in RAM first).", ["tier"],
             registry=self.registry, buckets=LATENCY_BUCKETS_S,
         )  # fmt: skip
         self.admin_requests = Counter(

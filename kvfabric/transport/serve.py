@@ -126,7 +126,12 @@ def _check_admin_auth(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_port: int | None) -> None:
-    server = FabricServer(store, config)
+    metrics = None
+    if admin_port is not None:
+        from kvfabric.api.metrics import Metrics
+
+        metrics = Metrics()  # the data plane records latencies into it; the admin app serves it on /metrics
+    server = FabricServer(store, config, observer=metrics)
     await server.start()
     admin = None
     try:
@@ -135,7 +140,7 @@ async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_por
             from kvfabric.api.server import AdminServer
 
             admin_host = settings.server.admin_host or config.host
-            admin = AdminServer(create_app(store, settings), admin_host, admin_port)
+            admin = AdminServer(create_app(store, settings, metrics=metrics), admin_host, admin_port)
             await admin.start()
             print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
         print(READY_LINE.format(host=config.host, port=server.port), flush=True)

@@ -105,6 +105,13 @@ def test_blocks_through_the_data_plane_show_in_the_admin_api(node: tuple[str, st
         assert after[("kvfabric_tier_puts_total", "ram")] >= before[("kvfabric_tier_puts_total", "ram")] + 4
         assert after[("kvfabric_tier_hits_total", "ram")] >= before[("kvfabric_tier_hits_total", "ram")] + 4
         assert after[("kvfabric_tier_blocks", "ram")] == before[("kvfabric_tier_blocks", "ram")] + 4
+        latency = {
+            (s.name, s.labels.get("tier")): s.value
+            for f in text_string_to_metric_families(http.get("/metrics").text)
+            for s in f.samples
+        }
+        assert latency[("kvfabric_put_seconds_count", "ram")] >= 1  # recorded by the data-plane server
+        assert latency[("kvfabric_get_seconds_count", "ram")] >= 1
 
         stats = http.get("/v1/stats").json()
         assert stats["node_id"] == "serve-node"
