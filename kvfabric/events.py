@@ -96,9 +96,8 @@ class EventBus:
         """Deliver future events to ``sink``; returns a function that unsubscribes it."""
         self._sinks.append(sink)
 
-        def unsubscribe() -> None:
-            if sink in self._sinks:
-                self._sinks.remove(sink)
+        def unsubscribe() -> None:  # by identity: two sinks may compare equal
+            self._sinks = [s for s in self._sinks if s is not sink]
 
         return unsubscribe
 
@@ -211,10 +210,27 @@ def decode_batch(data: bytes | memoryview) -> EventBatch:
         raise EventFormatError(f"event format version {version!r} is not supported (expected {EVENT_FORMAT_VERSION})")
     if not isinstance(seq, int) or not isinstance(ts, int | float) or not isinstance(items, list):
         raise EventFormatError("event batch header has the wrong types")
+    events: list[KVEvent] = []
+    checked: set[tuple[object, ...]] = set()  # (length, kind, source, medium, namespace, model) already validated
     try:
-        events = tuple(_event_from_wire(item) for item in items)
+        for item in items:
+            # fast path: a well-formed store/remove whose header fields this batch has already validated
+            if type(item) is list and len(item) in (6, 8) and type(item[5]) is bytes and len(item[5]) == HASH_BYTES:
+                head = (len(item), item[0], item[1], item[2], item[3], item[4])
+                if head in checked and (len(item) == 6 or (type(item[6]) is bytes and len(item[6]) == HASH_BYTES
+                                                           and type(item[7]) is int and item[7] >= 0)):  # fmt: skip
+                    if len(item) == 8:
+                        events.append(BlockStored(item[1], item[2], item[3], item[4], (item[5],), item[6], item[7]))
+                    else:
+                        events.append(BlockRemoved(item[1], item[2], item[3], item[4], (item[5],)))
+                    continue
+                ev = _event_from_wire(item)
+                checked.add(head)
+                events.append(ev)
+                continue
+            events.append(_event_from_wire(item))
     except ValueError as exc:  # a field the dataclasses refuse
         if isinstance(exc, EventFormatError):
             raise
         raise EventFormatError(str(exc)) from exc
-    return EventBatch(seq, float(ts), events)
+    return EventBatch(seq, float(ts), tuple(events))

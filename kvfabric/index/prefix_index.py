@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, compress
+from operator import and_, ne
 
 from kvfabric.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
@@ -71,13 +73,17 @@ class IndexStats:
 class PrefixIndex:
     """Applies KV events and answers chain lookups. Not thread-safe by design: one owner calls it."""
 
-    __slots__ = ("_scopes", "_bits", "_locations", "_counts", "_live", "_retired", "_free", "_groups", "_epoch")
+    __slots__ = (
+        "_scopes", "_bits", "_bitval", "_locations", "_counts", "_live", "_retired", "_free", "_groups", "_epoch",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._scopes: dict[Scope, dict[bytes, int]] = {}
         self._bits: dict[tuple[str, str], int] = {}  # live (source, medium) -> bit number
         self._locations: list[Location | None] = []  # bit number -> live location, None when retired or free
         self._counts: list[int] = []  # bit number -> blocks marked (live bits only)
+        self._bitval: list[int] = []  # bit number -> 1 << bit, one shared int object: a block held by one location
+        # points at it instead of owning a copy (a 1,000-bit int is ~160 bytes; 10M blocks would pay that each)
         self._live = 0  # mask of live bits
         self._retired = 0  # mask of removed bits still marked somewhere
         self._free: list[int] = []  # swept bit numbers ready for reuse
@@ -97,6 +103,7 @@ class PrefixIndex:
         if bit == len(self._locations):
             self._locations.append(None)
             self._counts.append(0)
+            self._bitval.append(1 << bit)
         self._locations[bit] = Location(source, TierId(medium))
         self._counts[bit] = 0
         self._bits[(source, medium)] = bit
@@ -182,6 +189,7 @@ class PrefixIndex:
         bits = self._bits
         scopes = self._scopes
         counts = self._counts
+        bitval = self._bitval
         # Batches mostly come from one publisher about one scope: remember the last lookups.
         last_loc: tuple[str, str] | None = None
         last_scope: Scope | None = None
@@ -202,12 +210,15 @@ class PrefixIndex:
                     if table is None:
                         table = scopes[scope] = {}
                     last_scope = scope
-                bit = 1 << b
+                bit = bitval[b]
                 hashes = ev.hashes
                 if len(hashes) == 1:
                     h = hashes[0]
                     old = table.get(h, 0)
-                    if not old & bit:
+                    if not old:
+                        table[h] = bit
+                        counts[b] += 1
+                    elif not old & bit:
                         table[h] = old | bit
                         counts[b] += 1
                 else:
@@ -215,7 +226,10 @@ class PrefixIndex:
                     get = table.get
                     for h in hashes:
                         old = get(h, 0)
-                        if not old & bit:
+                        if not old:
+                            table[h] = bit
+                            added += 1
+                        elif not old & bit:
                             table[h] = old | bit
                             added += 1
                     counts[b] += added
@@ -223,7 +237,7 @@ class PrefixIndex:
                 found = bits.get((ev.source, ev.medium))
                 rtable = scopes.get((ev.namespace, ev.model))
                 if found is not None and rtable is not None:
-                    bit = 1 << found
+                    bit = bitval[found]
                     removed = 0
                     get = rtable.get
                     for h in ev.hashes:
@@ -250,45 +264,62 @@ class PrefixIndex:
         model: ModelFingerprint,
         chain: Sequence[PrefixHash],
         tier_masks: Sequence[int] = (),
+        *,
+        sources_mask: int | None = None,
     ) -> ChainWalk:
-        """One pass over ``chain``: every source's leading depth and, per position, the first of ``tier_masks``
-        holding the block. Stops once no source still matches and no tier mask holds the block at hand."""
+        """One pass over ``chain``: the leading depth of every source (of those in ``sources_mask``, default all)
+        and, per position, the first of ``tier_masks`` holding the block. Stops at the first block that neither a
+        still-matching source nor any tier mask holds.
+
+        The chain is fetched in growing chunks and the running AND is taken by ``itertools.accumulate``, so the
+        per-block work is one ``dict.get`` and C-level int operations; Python-level work happens only where a
+        source drops out."""
         table = self._scopes.get((namespace, model))
-        if table is None:
+        if table is None or not chain:
             return ChainWalk({}, [], 0)
         get = table.get
-        live = self._live
-        groups = self._groups
-        run = live
-        tiers: list[int] = []
-        dropped_at: list[tuple[int, int]] = []  # (bits that stopped matching, position)
-        i = 0
-        for h in chain:
-            m = get(h, 0) & live
-            g = m
-            if groups and m:
-                for grp in groups:
-                    if m & grp:
-                        g |= grp
-            tier = -1
-            if m:
-                for k, tm in enumerate(tier_masks):
-                    if m & tm:
-                        tier = k
-                        break
+        run = self._live if sources_mask is None else self._live & sources_mask
+        groups = [g for g in self._groups if g & run]
+        any_tier = 0
+        for tm in tier_masks:
+            any_tier |= tm
+        masks: list[int] = []
+        dropped_at: list[tuple[int, int]] = []  # (bits that stopped matching, depth they reached)
+        n = len(chain)
+        pos = 0
+        step = 16
+        stop = n  # position of the first block nobody useful holds
+        while pos < n and run:
+            chunk = [get(h, 0) for h in chain[pos : pos + step]]
+            spread = chunk if not groups else [_spread(m, groups) for m in chunk]
+            acc = list(accumulate(spread, and_, initial=run))
+            if acc[-1] != run:
+                for k in compress(range(len(chunk)), map(ne, acc, acc[1:])):
+                    dropped_at.append((acc[k] ^ acc[k + 1], pos + k))
+                run = acc[-1]
             if run:
-                new = run & g
-                if new != run:
-                    dropped_at.append((run ^ new, i))
-                    run = new
-            if not run and tier < 0:
-                i += 1  # this hash was probed too
-                break
-            tiers.append(tier)
-            i += 1
-        probed = i
+                masks.extend(chunk)
+                pos += len(chunk)
+                step = min(step * 2, 512)
+                continue
+            dead = acc.index(0) - 1  # first block where nothing tracked matches any more
+            for k in range(dead, len(chunk)):  # from there on, only the tiers keep the walk going
+                if not chunk[k] & any_tier:
+                    stop = pos + k
+                    break
+            masks.extend(chunk[:k] if stop < n else chunk)
+            pos += len(chunk)
+        while pos < n and stop == n:
+            chunk = [get(h, 0) for h in chain[pos : pos + step]]
+            for k, m in enumerate(chunk):
+                if not m & any_tier:
+                    stop = pos + k
+                    break
+            masks.extend(chunk if stop == n else chunk[: stop - pos])
+            pos += len(chunk)
+            step = min(step * 2, 512)
         if run:
-            dropped_at.append((run, len(tiers)))
+            dropped_at.append((run, n))
         depths: dict[str, int] = {}
         locations = self._locations
         for mask, depth in dropped_at:
@@ -300,7 +331,7 @@ class PrefixIndex:
                 if loc is not None:
                     depths[loc.source] = depth
                 mask ^= low
-        return ChainWalk(depths, tiers, probed)
+        return ChainWalk(depths, _first_tier(masks, tier_masks), min(stop + 1, n))
 
     def match(self, namespace: Namespace, model: ModelFingerprint, chain: Sequence[PrefixHash]) -> list[SourceMatch]:
         """For each source matching at least one leading block: its depth overall and per medium, deepest first."""
@@ -358,3 +389,27 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         return sum(len(t) for t in self._scopes.values())
+
+
+def _spread(m: int, groups: list[int]) -> int:
+    """``m`` with every medium of a source set when any of its media is (a source matches over its union)."""
+    for grp in groups:
+        if m & grp:
+            m |= grp
+    return m
+
+
+def _first_tier(masks: list[int], tier_masks: Sequence[int]) -> list[int]:
+    """For each mask, the index of the first tier mask it intersects, or -1 (comprehensions: ~60 ns a block)."""
+    if not tier_masks:
+        return [-1] * len(masks)
+    if len(tier_masks) == 1:
+        (t0,) = tier_masks
+        return [0 if m & t0 else -1 for m in masks]
+    if len(tier_masks) == 2:
+        t0, t1 = tier_masks
+        return [0 if m & t0 else 1 if m & t1 else -1 for m in masks]
+    if len(tier_masks) == 3:
+        t0, t1, t2 = tier_masks
+        return [0 if m & t0 else 1 if m & t1 else 2 if m & t2 else -1 for m in masks]
+    return [next((k for k, tm in enumerate(tier_masks) if m & tm), -1) for m in masks]

@@ -153,28 +153,32 @@ class _Predictor:
         self.index = index
         self.calibration = calibration
         self.use_fabric = use_fabric
-        self._mask_cache: tuple[object, list[int], tuple[TierId, ...]] | None = None
+        self._cache: tuple[object, tuple[dict[str, int], int, list[int], tuple[TierId, ...]]] | None = None
         self._offset = 0
 
-    def _tier_masks(self, engines: Sequence[EngineLoad]) -> tuple[list[int], tuple[TierId, ...]]:
-        """Masks of the fabric media (fastest first), excluding the engines' own locations."""
-        if not self.use_fabric or not self.calibration.tiers:
-            return [], ()
+    def _engine_view(self, engines: Sequence[EngineLoad]) -> tuple[dict[str, int], int, list[int], tuple[TierId, ...]]:
+        """Engine name -> position, the engines' location mask, and the fabric media masks (fastest first) without
+        the engines' own locations; cached while the engine list and the index's locations stay the same."""
         key = (self.index.epoch, tuple(e.engine for e in engines))
-        if self._mask_cache is not None and self._mask_cache[0] == key:
-            return self._mask_cache[1], self._mask_cache[2]
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        positions = {name: j for j, name in enumerate(key[1])}
         engine_mask = self.index.mask_of(sources=key[1])
-        speeds = sorted(self.calibration.tiers, key=lambda t: -t.bytes_per_s)
-        masks = [self.index.mask_of(media=(t.medium,)) & ~engine_mask for t in speeds]
-        names = tuple(t.medium for t in speeds)
-        self._mask_cache = (key, masks, names)
-        return masks, names
+        masks: list[int] = []
+        names: tuple[TierId, ...] = ()
+        if self.use_fabric and self.calibration.tiers:
+            speeds = sorted(self.calibration.tiers, key=lambda t: -t.bytes_per_s)
+            masks = [self.index.mask_of(media=(t.medium,)) & ~engine_mask for t in speeds]
+            names = tuple(t.medium for t in speeds)
+        view = (positions, engine_mask, masks, names)
+        self._cache = (key, view)
+        return view
 
     def assess(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> _Assessment:
         if not engines:
             raise ValueError("no engines to route to")
-        masks, names = self._tier_masks(engines)
-        walk = self.index.walk(request.namespace, request.model, request.chain, masks)
+        positions, engine_mask, masks, names = self._engine_view(engines)
+        walk = self.index.walk(request.namespace, request.model, request.chain, masks, sources_mask=engine_mask)
         n = len(engines)
         cal = self.calibration
         rate = np.fromiter(
@@ -182,11 +186,10 @@ class _Predictor:
         )
         pending = np.fromiter((e.pending_prefill_tokens for e in engines), dtype=np.float64, count=n)
         local = np.zeros(n, dtype=np.int64)
-        if walk.depths:
-            for j, e in enumerate(engines):
-                d = walk.depths.get(e.engine)
-                if d:
-                    local[j] = d
+        for source, depth in walk.depths.items():
+            j = positions.get(source)
+            if j is not None:
+                local[j] = depth
         bs = request.block_size
         walked = len(walk.tiers)
         if masks and walked:
