@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kvfabric.events import BlockStored, KVEvent, decode_batch, encode_batch  # noqa: E402
-from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId  # noqa: E402
-from kvfabric.index.prefix_index import PrefixIndex  # noqa: E402
-from kvfabric.index.router import Calibration, EngineLoad, RouteRequest, TTFTRouter  # noqa: E402
+from kvfabric.events import BlockStored, KVEvent, decode_batch, encode_batch
+from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
+from kvfabric.index.prefix_index import PrefixIndex
+from kvfabric.index.router import Calibration, EngineLoad, RouteRequest, TTFTRouter
 
 NS = Namespace("bench")
 FP = ModelFingerprint(b"\x42" * 32)

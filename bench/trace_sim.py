@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.sim.cache import EVICTION_POLICIES  # noqa: E402
-from bench.sim.cluster import SimConfig, SimResult, simulate, unlimited_hit_rate  # noqa: E402
-from bench.sim.fabric import FabricTier  # noqa: E402
-from bench.sim.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, default_trace_path, load_trace  # noqa: E402
-from kvfabric.ids import TierId  # noqa: E402
-from kvfabric.index.router import POLICIES  # noqa: E402
+from bench.sim.cache import EVICTION_POLICIES
+from bench.sim.cluster import SimConfig, SimResult, simulate, unlimited_hit_rate
+from bench.sim.fabric import FabricTier
+from bench.sim.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, default_trace_path, load_trace
+from kvfabric.ids import TierId
+from kvfabric.index.router import POLICIES
 
 CURVE = (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8, 3e8, 1e9)
 
@@ -99,6 +99,10 @@ def config_from(args: argparse.Namespace, **overrides: object) -> SimConfig:
     return SimConfig(**base)  # type: ignore[arg-type]
 
 
+def _tokens(blocks: int | None, block_tokens: int) -> int | None:
+    return None if blocks is None else blocks * block_tokens
+
+
 def record(label: str, cfg: SimConfig, res: SimResult, ceiling: float) -> dict[str, object]:
     """The JSON object of one run: the common bench keys, then the simulator's figures."""
     out: dict[str, object] = {
@@ -113,16 +117,15 @@ def record(label: str, cfg: SimConfig, res: SimResult, ceiling: float) -> dict[s
         "capacity_tokens": cfg.capacity_tokens,
         "eviction": cfg.eviction,
         "router": cfg.router,
-        "fabric": {t.medium: (None if t.capacity_blocks is None else t.capacity_blocks * cfg.block_tokens)
-                   for t in cfg.fabric},  # fmt: skip
+        "fabric": {t.medium: _tokens(t.capacity_blocks, cfg.block_tokens) for t in cfg.fabric},
         "unlimited_hit_rate": round(ceiling, 6),
     }
     out.update(res.summary())
     return out
 
 
-TABLE_COLS = ("label", "hit_rate", "local_hit_rate", "fabric_hit_rate", "token_hit_rate", "prefill_tokens",
-              "max_mean_load", "ttft_mean_s", "ttft_p99_s", "wall_s")  # fmt: skip
+TABLE_COLS = ("label", "hit_rate", "local_hit_rate", "fabric_hit_rate", "token_hit_rate", "mean_request_hit_rate",
+              "prefill_tokens", "max_mean_load", "ttft_mean_s", "ttft_p99_s", "wall_s")  # fmt: skip
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
@@ -143,6 +146,8 @@ def compare_runs(args: argparse.Namespace) -> list[tuple[str, SimConfig]]:
     runs = [(name, config_from(args, router=name, **base)) for name in ("round-robin", "least-loaded", "overlap")]
     runs.append(("kvfabric (no fabric)", config_from(args, router="kvfabric", **base)))
     runs.append(("kvfabric + fabric", config_from(args, router="kvfabric", **{**base, "fabric": pool})))
+    no_s3 = (pool[0], FabricTier(TierId("disk"), int(5e7 // MOONCAKE_BLOCK_TOKENS), args.disk_gbps * 1e9))
+    runs.append(("kvfabric + RAM/disk only", config_from(args, router="kvfabric", **{**base, "fabric": no_s3})))
     for name in ("round-robin", "least-loaded", "overlap"):
         runs.append((f"{name} + fabric", config_from(args, router=name, **{**base, "fabric": pool})))
     return runs

@@ -13,7 +13,7 @@ EVICTION_POLICIES = ("lru", "fifo")
 class BlockCache:
     """``lru``: a hit refreshes the block; ``fifo``: blocks leave in insertion order. ``None`` capacity = unlimited."""
 
-    __slots__ = ("capacity", "policy", "_blocks")
+    __slots__ = ("_blocks", "capacity", "policy")
 
     def __init__(self, capacity_blocks: int | None, policy: str = "lru") -> None:
         if policy not in EVICTION_POLICIES:

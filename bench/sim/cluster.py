@@ -75,6 +75,7 @@ class SimResult:
     fabric_tier_blocks: dict[str, int]
     input_tokens: int
     hit_tokens: int
+    request_hit_fraction_sum: float
     prefill_tokens: int
     engine_prefill_tokens: list[int]
     engine_requests: list[int]
@@ -105,6 +106,7 @@ class SimResult:
             "fabric_hit_rate": round(self.fabric_hit_blocks / self.blocks, 6) if self.blocks else 0.0,
             "fabric_tier_blocks": self.fabric_tier_blocks,
             "token_hit_rate": round(self.token_hit_rate, 6),
+            "mean_request_hit_rate": round(self.request_hit_fraction_sum / self.requests, 6) if self.requests else 0.0,
             "input_tokens": self.input_tokens,
             "prefill_tokens": self.prefill_tokens,
             "engine_prefill_tokens": self.engine_prefill_tokens,
@@ -154,6 +156,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimConfig) -> SimResult:
     block_bytes = cfg.block_tokens * cfg.kv_bytes_per_token
     tier_load_s = [block_bytes / t.bytes_per_s for t in cfg.fabric]
     blocks = hit_blocks = local_hits = fabric_hits = input_tokens = hit_tokens = 0
+    request_hit_sum = 0.0
     tier_blocks = [0] * len(cfg.fabric)
     ttft = np.empty(len(trace))
     n_events = 0
@@ -191,6 +194,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimConfig) -> SimResult:
             tier_blocks[lv] += 1
         input_tokens += req.input_length
         hit_tokens += hit_tok
+        request_hit_sum += hit_tok / req.input_length if req.input_length else 0.0
 
         stored, evicted = eng.cache.admit(chain)
         if stored:
@@ -214,6 +218,7 @@ def simulate(trace: Sequence[TraceRequest], cfg: SimConfig) -> SimResult:
         fabric_tier_blocks={t.medium: n for t, n in zip(cfg.fabric, tier_blocks, strict=True)},
         input_tokens=input_tokens,
         hit_tokens=hit_tokens,
+        request_hit_fraction_sum=request_hit_sum,
         prefill_tokens=sum(e.prefill_tokens for e in engines),
         engine_prefill_tokens=[e.prefill_tokens for e in engines],
         engine_requests=[e.requests for e in engines],

@@ -74,7 +74,16 @@ class PrefixIndex:
     """Applies KV events and answers chain lookups. Not thread-safe by design: one owner calls it."""
 
     __slots__ = (
-        "_scopes", "_bits", "_bitval", "_locations", "_counts", "_live", "_retired", "_free", "_groups", "_epoch",
+        "_bits",
+        "_bitval",
+        "_counts",
+        "_epoch",
+        "_free",
+        "_groups",
+        "_live",
+        "_locations",
+        "_retired",
+        "_scopes",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -384,7 +393,7 @@ class PrefixIndex:
 
     def stats(self) -> IndexStats:
         locs = {loc: self._counts[bit] for bit, loc in enumerate(self._locations) if loc is not None}
-        retired = bin(self._retired).count("1")
+        retired = self._retired.bit_count()
         return IndexStats(len(self._scopes), sum(len(t) for t in self._scopes.values()), locs, retired)
 
     def __len__(self) -> int:

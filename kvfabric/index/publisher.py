@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Self
 
 import zmq
 
@@ -79,7 +80,7 @@ class ZmqEventPublisher:
                 self._closed = True
                 self._sock.close(linger=0)
 
-    def __enter__(self) -> ZmqEventPublisher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

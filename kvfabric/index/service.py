@@ -180,10 +180,13 @@ class IndexService:
                 for loc, n in sorted(s.locations.items(), key=lambda kv: (kv[0].source, kv[0].medium))
             ],
             "engines": [
-                {"engine": e.engine, "pending_prefill_tokens": e.pending_prefill_tokens,
-                 "active_decode_blocks": e.active_decode_blocks}
+                {
+                    "engine": e.engine,
+                    "pending_prefill_tokens": e.pending_prefill_tokens,
+                    "active_decode_blocks": e.active_decode_blocks,
+                }
                 for e in self._engines.values()
-            ],  # fmt: skip
+            ],
             "feeds": [
                 {"endpoint": f.endpoint, "batches": f.stats.batches, "gaps": f.stats.gaps, "errors": f.stats.errors}
                 for f in self._feeds

@@ -5,7 +5,14 @@ import pytest
 
 from kvfabric.errors import EventFormatError, ProtocolError
 from kvfabric.events import (
-    EVENT_FORMAT_VERSION, AllCleared, BlockRemoved, BlockStored, EventBus, EventLog, decode_batch, encode_batch,
+    EVENT_FORMAT_VERSION,
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBus,
+    EventLog,
+    decode_batch,
+    encode_batch,
 )  # fmt: skip
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
 

@@ -7,7 +7,11 @@ from kvfabric.events import BlockStored
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
 from kvfabric.index.prefix_index import PrefixIndex
 from kvfabric.index.router import (
-    Calibration, EngineLoad, RouteRequest, TierSpeed, make_policy,
+    Calibration,
+    EngineLoad,
+    RouteRequest,
+    TierSpeed,
+    make_policy,
 )  # fmt: skip
 
 NS = Namespace("tenant-a")

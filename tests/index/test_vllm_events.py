@@ -13,7 +13,11 @@ from kvfabric.hashing import encode_extra, prefix_hashes, root_hash
 from kvfabric.ids import Namespace, TierId
 from kvfabric.index.prefix_index import PrefixIndex
 from kvfabric.index.vllm_events import (
-    VllmEngineBinding, VllmEventTranslator, chain_tokens, decode_vllm_batch, raw_key,
+    VllmEngineBinding,
+    VllmEventTranslator,
+    chain_tokens,
+    decode_vllm_batch,
+    raw_key,
 )  # fmt: skip
 from kvfabric.spec import DType, ModelSpec
 
