@@ -132,7 +132,7 @@ def test_real_trace_reproduces_known_lru_hit_rates_and_the_router_target() -> No
     assert unlimited_hit_rate(real) == pytest.approx(0.366, abs=0.001)
     assert simulate(real, SimConfig(capacity_tokens=1e7)).hit_rate == pytest.approx(0.285, abs=0.003)
     assert simulate(real, SimConfig(capacity_tokens=3e6)).hit_rate == pytest.approx(0.136, abs=0.003)
-    pool = (FabricTier(TierId("ram"), int(2e7 // 512), 20e9), FabricTier(TierId("disk"), int(1e8 // 512), 5e9),
+    pool = (FabricTier(TierId("ram"), int(1e7 // 512), 20e9), FabricTier(TierId("disk"), int(3e7 // 512), 5e9),
             FabricTier(TierId("object"), None, 1e9))  # fmt: skip
     res = simulate(real, SimConfig(engines=10, capacity_tokens=3e6, router="kvfabric", fabric=pool))
     assert res.hit_rate >= 0.95 * unlimited_hit_rate(real)
