@@ -1,14 +1,23 @@
-"""The ``kvfabric`` command line. Each subcommand lives in the module that owns its job; this file only dispatches."""
+"""The ``kvfabric`` command line. Each subcommand lives in the module that owns its job and adds itself through
+``register(subparsers)``, which sets ``func`` to run it; this file only dispatches."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMAND_MODULES = (
+    "kvfabric.transport.serve",
+)
+"""Modules defining subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfabric", description="Persistent KV-cache data fabric for LLM inference")
-    parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

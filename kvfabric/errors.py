@@ -6,7 +6,8 @@ backend or transport that raised them, and re-raised with ``from exc`` so the ca
     KVFabricError
     ├── InvalidBlockError          bad input to the store: wrong shape/dtype, oversized, unknown model
     │   ├── UnknownModelError
-    │   └── BlockTooLargeError
+    │   ├── BlockTooLargeError
+    │   └── QuotaExceededError     the block would take its namespace over its byte quota
     ├── RecordError                a stored/received record cannot be trusted
     │   ├── TruncatedRecordError
     │   ├── MalformedRecordError   bad magic, version, codec, dtype, header checksum
@@ -49,6 +50,24 @@ class BlockTooLargeError(InvalidBlockError):
         super().__init__(f"block payload of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class QuotaExceededError(InvalidBlockError):
+    """Storing the block would take its namespace over its byte quota and nothing evictable is left to make room.
+
+    A limit the caller runs into, like ``BlockTooLargeError``, not a failing tier: nothing was stored or evicted,
+    and retrying changes nothing until the namespace frees space (deletes, TTL expiry, unpins).
+    """
+
+    def __init__(self, namespace: str, needed: int, quota: int, evictable: int) -> None:
+        super().__init__(
+            f"namespace {namespace!r} needs {needed} bytes over its quota of {quota} bytes and only {evictable} "
+            "bytes of its blocks can be evicted (the rest are pinned or being stored)"
+        )
+        self.namespace = namespace
+        self.needed = needed
+        self.quota = quota
+        self.evictable = evictable
 
 
 class RecordError(KVFabricError):

@@ -1,0 +1,187 @@
+"""What both clients share: the URL, what the server said at hello, replies -> results or exceptions, and the
+batch plans for get and put (which destination receives which payload bytes)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from kvfabric.client.buffers import Destination
+from kvfabric.errors import AuthError, ClientError, ConfigError, ProtocolError, RemoteError
+from kvfabric.hashing import prefix_hashes, root_hash
+from kvfabric.ids import ModelFingerprint, PrefixHash, TierId
+from kvfabric.spec import ModelSpec
+from kvfabric.transport import frames as fr
+
+DEFAULT_PORT = 9500
+F = TypeVar("F")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'kvfabrics' if self.tls else 'kvfabric'}://{self.host}:{self.port}"
+
+
+def parse_url(url: str) -> Endpoint:
+    """``kvfabric://host:port`` (plain TCP) or ``kvfabrics://host:port`` (TLS)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("kvfabric", "kvfabrics", "tcp"):
+        raise ConfigError(f"unsupported URL scheme in {url!r}: use kvfabric://host:port or kvfabrics://host:port")
+    if not parts.hostname:
+        raise ConfigError(f"URL {url!r} names no host")
+    return Endpoint(parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "kvfabrics")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    token: str | None = None
+    timeout: float = 10.0
+    pool_size: int = 4
+    shm: bool | None = None  # None: use shared memory when the server offers it (same host)
+    nixl: bool = False  # read blocks one-sidedly over NIXL when the server offers it
+    retries: int = 2
+    ssl: ssl.SSLContext | None = None
+
+    def features(self) -> tuple[str, ...]:
+        return ("shm",) if self.shm is not False else ()
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """The longest cached prefix: ``blocks`` leading blocks (``tokens`` tokens), and the tier holding each."""
+
+    blocks: int
+    tokens: int
+    tiers: tuple[TierId, ...]
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What the server told us at hello (identical for every connection of one client)."""
+
+    tenant: str
+    salt: bytes
+    node_id: str
+    limits: fr.ServerLimits
+    shm: fr.ShmOffer | None
+    nixl: bool
+    registered: set[ModelFingerprint] = field(default_factory=set)
+
+    def hashes(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
+        return prefix_hashes(root_hash(spec.fingerprint(), self.salt), tokens, spec.block_size, extras)
+
+
+def session_from(reply: fr.Frame) -> SessionInfo:
+    hello = expect(reply, fr.HelloOk, "hello")
+    return SessionInfo(hello.tenant, hello.salt, hello.node_id, hello.limits, hello.shm, hello.nixl)
+
+
+def expect(reply: fr.Frame, kind: type[F], what: str) -> F:
+    """``reply`` as ``kind``, or the matching exception for an ERROR frame / unexpected frame."""
+    if isinstance(reply, kind):
+        return reply
+    if isinstance(reply, fr.Error):
+        if reply.code == "auth":
+            raise AuthError(f"{what} refused: {reply.message}")
+        raise RemoteError(reply.code, f"{what} failed: {reply.message}")
+    raise ProtocolError(f"{what}: server answered with a {reply.op} frame")
+
+
+def batches(n: int, per_item: Sequence[int], limits: fr.ServerLimits) -> list[range]:
+    """Split ``n`` items into runs within the server's batch and payload limits."""
+    out, start, size = [], 0, 0
+    for i in range(n):
+        if i > start and (i - start >= limits.max_batch or size + per_item[i] > limits.max_payload_bytes):
+            out.append(range(start, i))
+            start, size = i, 0
+        size += per_item[i]
+    if n > start:
+        out.append(range(start, n))
+    return out
+
+
+class GetPlan:
+    """Destinations for one GET reply: the sink hands the receiver a view per found block (chunk-major when
+    streaming layers) and ``on_segment`` reports each finished chunk."""
+
+    def __init__(
+        self, dests: Sequence[Destination | None], chunks: int = 1, on_chunk: Callable[[int], None] | None = None
+    ) -> None:
+        self.dests = dests
+        self.chunks = chunks
+        self.on_chunk = on_chunk
+        self.metas: tuple[fr.WireMeta | None, ...] = ()
+        self.error: Exception | None = None
+        self._found = 0
+
+    def sink(self, reply: fr.Frame) -> list[memoryview] | None:
+        if not isinstance(reply, fr.Blocks):
+            return None
+        self.metas = reply.metas
+        views = []
+        for i, meta in enumerate(reply.metas):
+            if meta is None:
+                continue
+            dest = self.dests[i]
+            if dest is None or len(dest.view) < meta.nbytes:
+                have = len(dest.view) if dest is not None else 0
+                self.error = ValueError(f"destination {i} holds {have} bytes, block needs {meta.nbytes}")
+                return None
+            views.append(dest.view[: meta.nbytes])
+        self._found = len(views)
+        if self.chunks == 1:
+            return views
+        return [v[c * (len(v) // self.chunks) : (c + 1) * (len(v) // self.chunks)] for c in range(self.chunks)
+                for v in views]  # fmt: skip
+
+    def on_segment(self, reply: fr.Frame, index: int) -> None:
+        if self.on_chunk is not None and self.chunks > 1 and (index + 1) % self._found == 0:
+            self.on_chunk(index // self._found)
+
+    def finish(self, reply: fr.Blocks) -> list[fr.WireMeta | None]:
+        self.metas = reply.metas
+        if self.error is not None:
+            raise ClientError(str(self.error)) from self.error
+        for dest, meta in zip(self.dests, self.metas, strict=False):
+            if meta is not None and dest is not None:
+                dest.finish()
+        if self.on_chunk is not None and self._found == 0:
+            for c in range(self.chunks):
+                self.on_chunk(c)
+        return list(self.metas)
+
+
+def put_items(
+    spec: ModelSpec, hashes: Sequence[PrefixHash], root: PrefixHash, payloads: Sequence[memoryview]
+) -> list[fr.PutItem]:
+    """Items for consecutive blocks of one chain: block i's parent is block i-1 (the chain root for block 0)."""
+    items = []
+    for i, (h, payload) in enumerate(zip(hashes, payloads, strict=True)):
+        if len(payload) != spec.block_nbytes:
+            raise ValueError(f"block {i} holds {len(payload)} bytes, {spec.model} needs {spec.block_nbytes}")
+        parent = hashes[i - 1] if i else root
+        items.append(fr.PutItem(h, fr.WireMeta(parent, spec.dtype, spec.block_shape, spec.block_size)))
+    return items
+
+
+def leading(metas: Sequence[object | None]) -> int:
+    n = 0
+    for m in metas:
+        if m is None:
+            break
+        n += 1
+    return n
+
+
+__all__ = [
+    "ClientOptions", "Endpoint", "GetPlan", "LookupResult", "SessionInfo", "batches", "expect",
+    "leading", "parse_url", "put_items", "session_from",
+]  # fmt: skip

@@ -1,0 +1,149 @@
+"""One blocking connection: frames out with ``sendmsg`` (header and payload views, no concatenation), replies in
+with ``recv_into`` straight into the destination buffers. One request at a time; the pool provides concurrency."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from kvfabric.client.session import ClientOptions, Endpoint, SessionInfo, session_from
+from kvfabric.errors import ClientError, KVFabricError, ProtocolError
+from kvfabric.transport import frames as fr
+from kvfabric.transport.shm import host_identity
+
+IOV_MAX: Final = 512
+CLIENT_LIMITS: Final = fr.Limits(max_body_bytes=64 << 20, max_batch=1 << 20, max_block_bytes=1 << 40,
+                                  max_payload_bytes=1 << 44)  # fmt: skip
+"""A client trusts its server's sizes; it only guards against absurd values."""
+
+Sink = Callable[[fr.Frame], Sequence[memoryview] | None]
+OnSegment = Callable[[fr.Frame, int], None]
+
+
+class SyncConnection:
+    def __init__(self, endpoint: Endpoint, options: ClientOptions) -> None:
+        self.endpoint = endpoint
+        self.options = options
+        self.broken = False
+        self._next_id = 1
+        self._head = bytearray(fr.HEADER_BYTES)
+        try:
+            raw = socket.create_connection((endpoint.host, endpoint.port), timeout=options.timeout)
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {endpoint}: {exc}") from exc
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._tls = options.ssl is not None or endpoint.tls
+        if self._tls:
+            import ssl
+
+            ctx = options.ssl or ssl.create_default_context()
+            try:
+                raw = ctx.wrap_socket(raw, server_hostname=endpoint.host)
+            except (OSError, ssl.SSLError) as exc:
+                raw.close()
+                raise ClientError(f"TLS handshake with {endpoint} failed: {exc}") from exc
+        self.sock = raw
+        try:
+            reply = self.request(fr.encode_hello(self.next_id(), options.token, host_identity(), options.features()))
+            self.session: SessionInfo = session_from(reply)
+        except BaseException:
+            self.close()
+            raise
+
+    def next_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def request(
+        self, head: bytes, payload: Sequence[memoryview] = (), sink: Sink | None = None,
+        on_segment: OnSegment | None = None, what: str = "request",
+    ) -> fr.Frame:  # fmt: skip
+        """Send one frame (+payload) and return the reply; its payload goes where ``sink`` says."""
+        if self.broken:
+            raise ClientError(f"connection to {self.endpoint} is broken")
+        rid = fr.HEADER.unpack_from(head)[4]
+        try:
+            self._send([head, *payload])
+            reply = self._receive(sink, on_segment)
+            if reply.request_id not in (rid, 0):
+                raise ProtocolError(f"{what}: reply to request {reply.request_id}, expected {rid}")
+            return reply
+        except TimeoutError as exc:
+            self.broken = True
+            raise ClientError(f"{what} to {self.endpoint} timed out after {self.options.timeout}s") from exc
+        except OSError as exc:
+            self.broken = True
+            raise ClientError(f"{what} to {self.endpoint} failed: {exc}") from exc
+        except KVFabricError:
+            self.broken = True
+            raise
+
+    def send_oneway(self, head: bytes) -> None:
+        try:
+            self._send([head])
+        except OSError as exc:
+            self.broken = True
+            raise ClientError(f"send to {self.endpoint} failed: {exc}") from exc
+
+    def _send(self, bufs: list[bytes | memoryview]) -> None:
+        if self._tls:  # SSL sockets have no sendmsg; each buffer is encrypted from where it lies anyway
+            for b in bufs:
+                self.sock.sendall(b)
+            return
+        views = [memoryview(b) for b in bufs]
+        while views:
+            sent = self.sock.sendmsg(views[:IOV_MAX])
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+            while views and not len(views[0]):
+                views.pop(0)
+
+    def _recv_exact(self, view: memoryview) -> None:
+        pos, n = 0, len(view)
+        recv_into = self.sock.recv_into
+        while pos < n:
+            got = recv_into(view[pos:], n - pos)
+            if not got:
+                raise ClientError(f"{self.endpoint} closed the connection")
+            pos += got
+
+    def _receive(self, sink: Sink | None, on_segment: OnSegment | None) -> fr.Frame:
+        head = memoryview(self._head)
+        self._recv_exact(head)
+        header = fr.parse_header(head, CLIENT_LIMITS)
+        body = bytearray(header.body_len)
+        self._recv_exact(memoryview(body))
+        frame = fr.parse_body(header, body, CLIENT_LIMITS)
+        if header.payload_len:
+            segments = sink(frame) if sink is not None else None
+            if segments is None:
+                self._discard(header.payload_len)
+            else:
+                for i, seg in enumerate(segments):
+                    self._recv_exact(seg)
+                    if on_segment is not None:
+                        on_segment(frame, i)
+        if isinstance(frame, fr.Error) and frame.request_id == 0:
+            self.broken = True  # the server closes the connection after a connection-level error
+        return frame
+
+    def _discard(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20)))
+        while n:
+            take = min(n, len(scratch))
+            self._recv_exact(scratch[:take])
+            n -= take
+
+    def close(self) -> None:
+        self.broken = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass

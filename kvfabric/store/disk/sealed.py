@@ -1,0 +1,36 @@
+"""What a sealed segment holds, for whoever ships sealed segments elsewhere (the object tier).
+
+A segment is *sealed* when the tier has moved on to a new active segment and every write reserved in the old one
+has finished (synced and indexed, or abandoned): from then on its bytes never change until compaction removes the
+file. The tier calls ``on_segment_sealed(path, entries)`` once per segment it seals while running, from the thread
+that finished the segment's last write, outside the tier's locks; the hook should only enqueue work. Segments
+sealed before a restart are not announced again: list them with ``DiskTier.sealed_segments()`` and their live
+records with ``DiskTier.segment_entries()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvfabric.ids import BlockKey
+from kvfabric.record import BlockMeta
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry:
+    """One live record of a sealed segment: the bytes ``[offset, offset + record_len)`` of the file."""
+
+    key: BlockKey
+    offset: int
+    record_len: int
+    """Header plus stored payload; the zero padding after it is not included."""
+    header_len: int
+    """The stored payload is ``[offset + header_len, offset + record_len)``."""
+    checksum: int
+    """XXH3-64 of the stored payload (also in the record header)."""
+    meta: BlockMeta
+
+
+SealedSegmentHook = Callable[[Path, list[SegmentEntry]], None]

@@ -1,0 +1,112 @@
+"""The SDK against the real server: buffers of every kind, batches, layer streaming, sync and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from kvfabric.client import AsyncClient, Client
+from kvfabric.spec import DType, ModelSpec
+from tests.blocks import SPEC
+from tests.transport.servers import ThreadServer
+
+TOKENS = np.arange(6 * SPEC.block_size)
+
+
+def bf16_kv(n: int, spec: ModelSpec = SPEC) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn((n, *spec.block_shape), generator=g).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_put_get_bf16_tensors(server: ThreadServer, shm: bool) -> None:
+    kv = bf16_kv(6)
+    with Client(server.url, shm=shm) as c:
+        assert c.transport == ("shm" if shm else "tcp")
+        assert c.put(SPEC, TOKENS, kv) == 6
+        got = c.get(SPEC, TOKENS)
+        assert got.dtype == torch.bfloat16 and got.shape == (6, *SPEC.block_shape) and torch.equal(got, kv)
+        longer = np.concatenate([TOKENS, np.arange(5000, 5000 + 2 * SPEC.block_size)])
+        assert c.lookup(SPEC, longer).blocks == 6 and c.lookup(SPEC, longer).tokens == 6 * SPEC.block_size
+        out = torch.zeros((8, *SPEC.block_shape), dtype=torch.bfloat16)
+        assert torch.equal(c.get(SPEC, longer, out=out), kv)  # the leading 6 of 8
+
+
+def test_buffers_of_every_kind(server: ThreadServer) -> None:
+    spec = ModelSpec(model="test/f32", num_layers=2, kv_heads=2, head_dim=8, dtype=DType.FLOAT32, block_size=4)
+    tokens = np.arange(3 * spec.block_size)
+    kv = np.random.default_rng(0).standard_normal((3, *spec.block_shape)).astype(np.float32)
+    with Client(server.url, shm=False) as c:
+        assert c.put(spec, tokens, [kv[0], torch.from_numpy(kv[1]), bytearray(kv[2].tobytes())]) == 3
+        hashes = c.block_hashes(spec, tokens)
+        outs = [np.zeros_like(kv[0]), torch.zeros(spec.block_shape), bytearray(spec.block_nbytes)]
+        got = c.get_blocks(spec, hashes, outs)
+        assert got[0] is outs[0] and np.array_equal(outs[0], kv[0])
+        assert np.array_equal(outs[1].numpy(), kv[1]) and bytes(outs[2]) == kv[2].tobytes()
+        with pytest.raises(ValueError):
+            c.get_blocks(spec, hashes, [np.zeros(3, dtype=np.float32)[::2]] * 3)  # not contiguous
+
+
+def test_batches_larger_than_the_server_limit(store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kvfabric.transport.frames import Limits
+    from tests.transport.servers import thread_server
+
+    with thread_server(store, nixl=False, limits=Limits(max_batch=4)) as srv, Client(srv.url, shm=False) as c:
+        kv = bf16_kv(11)
+        tokens = np.arange(11 * SPEC.block_size)
+        assert c.put(SPEC, tokens, kv) == 11
+        assert c.lookup(SPEC, tokens).blocks == 11
+        assert torch.equal(c.get(SPEC, tokens), kv)
+        assert c.exists(SPEC, c.block_hashes(SPEC, tokens)) == [True] * 11
+
+
+def test_layer_streaming_reports_each_layer_in_order(server: ThreadServer) -> None:
+    kv = bf16_kv(6)
+    seen: list[tuple[int, bool]] = []
+    with Client(server.url, shm=False) as c:
+        c.put(SPEC, TOKENS, kv)
+        out = torch.zeros_like(kv)
+
+        def on_layer(layer: int) -> None:  # layer l of every block has landed when this runs
+            seen.append((layer, torch.equal(out[:, layer], kv[:, layer])))
+
+        c.get_blocks(SPEC, c.block_hashes(SPEC, TOKENS), [out[i] for i in range(6)], chunks=SPEC.num_layers,
+                     on_chunk=on_layer)  # fmt: skip
+    assert seen == [(layer, True) for layer in range(SPEC.num_layers)]
+    assert torch.equal(out, kv)
+
+
+def test_pin_unpin_delete_stats(server: ThreadServer) -> None:
+    with Client(server.url) as c:
+        c.put(SPEC, TOKENS, bf16_kv(6))
+        hashes = c.block_hashes(SPEC, TOKENS)
+        assert c.pin(SPEC, hashes[:2]) == 2 and c.unpin(SPEC, hashes[:2]) == 2
+        assert c.delete(SPEC, hashes[3:]) == 3
+        assert c.lookup(SPEC, TOKENS).blocks == 3
+        assert c.stats()["tiers"]["ram"]["blocks"] == 3  # auth off: one tenant sees the tier totals
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_async_client_mirrors_the_sync_one(server: ThreadServer, shm: bool) -> None:
+    kv = bf16_kv(6)
+
+    async def main() -> None:
+        async with AsyncClient(server.url, shm=shm, pool_size=2) as c:
+            assert await c.transport() == ("shm" if shm else "tcp")
+            assert await c.put(SPEC, TOKENS, kv) == 6
+            assert (await c.lookup(SPEC, TOKENS)).blocks == 6
+            assert torch.equal(await c.get(SPEC, TOKENS), kv)
+            hashes = await c.block_hashes(SPEC, TOKENS)
+            # many requests in flight on two pipelined connections
+            outs = [[np.zeros(SPEC.block_nbytes, dtype=np.uint8) for _ in hashes] for _ in range(20)]
+            await asyncio.gather(*(c.get_blocks(SPEC, hashes, o) for o in outs))
+            for o in outs:
+                assert np.stack(o).tobytes() == kv.view(torch.uint8).numpy().tobytes()
+            assert await c.exists(SPEC, hashes) == [True] * 6
+            assert await c.delete(SPEC, hashes[2:]) == 4
+            assert (await c.lookup(SPEC, TOKENS)).blocks == 2
+
+    asyncio.run(main())
