@@ -199,26 +199,31 @@ class PrefixIndex:
         scopes = self._scopes
         counts = self._counts
         bitval = self._bitval
-        # Batches mostly come from one publisher about one scope: remember the last lookups.
-        last_loc: tuple[str, str] | None = None
-        last_scope: Scope | None = None
+        # Batches mostly come from one publisher about one scope: remember the last lookups, by identity first.
+        last_src: object = None
+        last_med: object = None
+        last_ns: object = None
+        last_model: object = None
         b = -1
         table: dict[bytes, int] = {}
         n = 0
         for ev in events:
             kind = type(ev)
             if kind is BlockStored:
-                loc = (ev.source, ev.medium)
-                if loc != last_loc:
-                    found = bits.get(loc)
-                    b = self._add_location(ev.source, ev.medium) if found is None else found
-                    last_loc = loc
-                scope = (ev.namespace, ev.model)
-                if scope != last_scope:
+                src = ev.source
+                med = ev.medium
+                if src is not last_src or med is not last_med:
+                    found = bits.get((src, med))
+                    b = self._add_location(src, med) if found is None else found
+                    last_src, last_med = src, med
+                ns = ev.namespace
+                model = ev.model
+                if ns is not last_ns or model is not last_model:
+                    scope = (ns, model)
                     table = scopes.get(scope)  # type: ignore[assignment]
                     if table is None:
                         table = scopes[scope] = {}
-                    last_scope = scope
+                    last_ns, last_model = ns, model
                 bit = bitval[b]
                 hashes = ev.hashes
                 if len(hashes) == 1:
@@ -260,7 +265,7 @@ class PrefixIndex:
                     counts[found] -= removed
             elif kind is AllCleared:
                 self.remove_location(ev.source, ev.medium)
-                last_loc = None
+                last_src = None  # its bit may be gone
             else:
                 raise TypeError(f"not a KV event: {kind.__name__}")
             n += 1
