@@ -59,7 +59,7 @@ class RouteBody(ChainBody):
     """Loads for this decision only; by default the reported loads of the registered engines."""
 
 
-def _chain(service: IndexService, body: ChainBody) -> tuple[Namespace, ModelFingerprint, list[PrefixHash] | None]:
+def _chain(body: ChainBody) -> tuple[Namespace, ModelFingerprint, list[PrefixHash] | None]:
     if (body.tokens is None) == (body.hashes is None):
         raise HTTPException(422, "give exactly one of 'tokens' or 'hashes'")
     model = ModelFingerprint(bytes.fromhex(body.model))
@@ -73,7 +73,7 @@ def create_index_router(service: IndexService) -> APIRouter:
 
     @router.post("/v1/route")
     async def route(body: RouteBody) -> dict[str, object]:
-        ns, model, hashes = _chain(service, body)
+        ns, model, hashes = _chain(body)
         engines = None
         if body.engines is not None:
             engines = [EngineLoad(e.engine, e.pending_prefill_tokens, e.active_decode_blocks, e.prefill_tokens_per_s)
@@ -99,7 +99,7 @@ def create_index_router(service: IndexService) -> APIRouter:
 
     @router.post("/v1/index/match")
     async def match(body: ChainBody) -> dict[str, object]:
-        ns, model, hashes = _chain(service, body)
+        ns, model, hashes = _chain(body)
         try:
             chain = hashes if hashes is not None else service.chain_for(ns, model, body.tokens or [])
         except UnknownModelError as exc:

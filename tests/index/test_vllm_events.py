@@ -92,6 +92,7 @@ def test_malformed_vllm_batches_raise(payload: bytes) -> None:
         VllmEventTranslator(BINDING).translate(payload)
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_payload_encoded_by_vllms_own_classes() -> None:
     try:
