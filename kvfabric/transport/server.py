@@ -18,6 +18,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
@@ -76,6 +77,15 @@ class FabricStore(Protocol):
     def tier_stats(self) -> dict[TierId, Any]: ...
 
 
+class LatencyObserver(Protocol):
+    """Receives per-request latencies (``kvfabric.api.metrics.Metrics`` is one); the server never imports
+    prometheus. ``tier`` is where the request was served: ``ram``, ``lower`` (a tier below RAM), or ``miss``."""
+
+    def observe_get(self, tier: str, seconds: float) -> None: ...
+
+    def observe_put(self, tier: str, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -131,11 +141,12 @@ def _error_code(exc: BaseException) -> str:
 class FabricServer:
     """Serves ``store`` on ``config.host:config.port``; ``start()`` binds, ``close()`` stops and releases leases."""
 
-    def __init__(self, store: FabricStore, config: ServerConfig) -> None:
+    def __init__(self, store: FabricStore, config: ServerConfig, *, observer: LatencyObserver | None = None) -> None:
         if not config.server_secret:
             raise ValueError("ServerConfig.server_secret must be set (see auth.load_or_create_secret)")
         self.store = store
         self.config = config
+        self.observer = observer
         self.auth = Authenticator(config.server_secret, config.tokens)
         self.counters = ServerCounters()
         self.arena: shm.ArenaMap | None = None
@@ -374,7 +385,10 @@ class _Connection(asyncio.BufferedProtocol):
             key = BlockKey(self.tenant.name, frame.model, item.prefix)
             meta = BlockMeta(key, m.dtype, m.shape, m.token_count, m.parent, m.created_ms or created)
             blocks.append(Block(meta, memoryview(buf)))
+        started = time.perf_counter()
         await asyncio.to_thread(self.store.put_many, blocks)
+        if self.server.observer is not None:
+            self.server.observer.observe_put("ram", time.perf_counter() - started)  # every put lands in RAM first
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
     async def _get(self, frame: fr.Get) -> None:
@@ -384,6 +398,7 @@ class _Connection(asyncio.BufferedProtocol):
         leases: list[StoreLease] = []
         slow: list[int] = []
         arena = self.server.arena
+        started = time.perf_counter()
         try:
             for i, key in enumerate(keys):
                 lease = self.store.acquire(key) if arena is not None else None
@@ -410,6 +425,10 @@ class _Connection(asyncio.BufferedProtocol):
             for lease in leases:
                 self.store.release(lease)
             raise
+        if self.server.observer is not None:
+            found_below = any(metas[i] is not None for i in slow)
+            tier = "lower" if found_below else "ram" if any(m is not None for m in metas) else "miss"
+            self.server.observer.observe_get(tier, time.perf_counter() - started)
         self._send(fr.encode_blocks(frame.request_id, metas, chunks), payload, leases)
 
     async def _key_request(self, frame: fr.KeyRequest) -> None:
@@ -443,6 +462,7 @@ class _Connection(asyncio.BufferedProtocol):
         entries: list[fr.LeaseEntry] = [None] * len(keys)
         slow: list[int] = []
         limit = self.server.config.max_leases_per_connection
+        started = time.perf_counter()
         for i, key in enumerate(keys):
             lease = self.store.acquire(key) if len(self._client_leases) < limit else None
             if lease is None:
@@ -458,6 +478,10 @@ class _Connection(asyncio.BufferedProtocol):
             for i, head in zip(slow, heads, strict=True):
                 if head is not None:
                     entries[i] = fr.Elsewhere(_wire(head[0]))
+        if self.server.observer is not None:  # same-host reads: leased from RAM, or pointed elsewhere
+            found_below = any(entries[i] is not None for i in slow)
+            tier = "lower" if found_below else "ram" if any(e is not None for e in entries) else "miss"
+            self.server.observer.observe_get(tier, time.perf_counter() - started)
         if self.closed:  # the client went away while we looked; connection_lost already ran
             for e in entries:
                 if isinstance(e, fr.Lease):
