@@ -31,7 +31,7 @@ MODEL_NAME = "tiny-random-llama"
 SPEC = ModelSpec(model=MODEL_NAME, num_layers=4, kv_heads=2, head_dim=64, dtype=DType.FLOAT32, block_size=BLOCK)
 ENGINE_TIMEOUT_S = 1200
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def start(model: Path, prompts: list[list[int]], tmp: Path, name: str, *args: str) -> subprocess.Popen[str]:
