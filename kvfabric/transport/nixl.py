@@ -39,9 +39,12 @@ def load_api() -> tuple[ModuleType | None, str]:
     return None, "; ".join(reasons)
 
 
-def _agent(api: ModuleType, role: str) -> Any:
+def _agent(api: ModuleType, role: str, progress_thread: bool) -> Any:
+    """A NIXL agent with the UCX backend. ``progress_thread`` starts UCX's progress thread, which polls without
+    pause: the server needs it (over UCX's TCP transport a remote read is served by the target's progress), a
+    client does not (it drives progress itself while it waits for its reads)."""
     name = f"kvfabric-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
     if "UCX" not in agent.backends:
         raise RuntimeError("NIXL has no UCX backend plugin")
     return agent
@@ -73,7 +76,7 @@ def server_endpoint(arena: ArenaMap | None) -> NixlServerEndpoint | None:
         log.info("NIXL transport unavailable (%s); clients will use TCP", why)
         return None
     try:
-        return NixlServerEndpoint(_agent(api, "server"), arena)
+        return NixlServerEndpoint(_agent(api, "server", progress_thread=True), arena)
     except Exception as exc:  # UCX initialisation failures surface as RuntimeError or nixl's own types
         log.warning("NIXL transport unavailable (%s); clients will use TCP", exc)
         return None
@@ -156,7 +159,7 @@ def client_endpoint() -> NixlClientEndpoint | None:
         log.warning("NIXL requested but unavailable (%s); using TCP", why)
         return None
     try:
-        return NixlClientEndpoint(_agent(api, "client"))
+        return NixlClientEndpoint(_agent(api, "client", progress_thread=False))
     except Exception as exc:
         log.warning("NIXL requested but its UCX backend failed to start (%s); using TCP", exc)
         return None

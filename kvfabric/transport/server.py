@@ -40,7 +40,7 @@ from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
 from kvfabric.transport import shm
 from kvfabric.transport.auth import Authenticator, Tenant
-from kvfabric.transport.nixl import NixlServerEndpoint, server_endpoint
+from kvfabric.transport.nixl import NixlServerEndpoint, load_api, server_endpoint
 from kvfabric.transport.receiver import FrameReceiver
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class FabricServer:
         self.counters = ServerCounters()
         self.arena: shm.ArenaMap | None = None
         self.nixl: NixlServerEndpoint | None = None
+        self.nixl_offered = False  # NIXL importable and not failed: HELLO offers it, the endpoint starts on demand
+        self._nixl_lock = asyncio.Lock()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self.port = config.port
@@ -149,7 +151,10 @@ class FabricServer:
         if path:
             self.arena = shm.ArenaMap(path)
             if self.config.nixl:
-                self.nixl = server_endpoint(self.arena)
+                api, why = load_api()
+                self.nixl_offered = api is not None
+                if api is None:
+                    log.info("NIXL transport unavailable (%s); clients will use TCP", why)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self), self.config.host, self.config.port, ssl=self.config.ssl, reuse_address=True
@@ -158,8 +163,17 @@ class FabricServer:
         log.info(
             "kvfabric data plane on %s:%d (tls %s, auth %s, shm %s, nixl %s)", self.config.host, self.port,
             "on" if self.config.ssl else "off", "on" if self.auth.enabled else "off",
-            path or "off", "on" if self.nixl else "off",
+            path or "off", "on demand" if self.nixl_offered else "off",
         )  # fmt: skip
+
+    async def nixl_endpoint(self) -> NixlServerEndpoint | None:
+        """The NIXL endpoint, started by the first client that asks: a NIXL agent runs a UCX progress thread that
+        polls without pause, which would take CPU from every TCP transfer on a server no NIXL client uses."""
+        async with self._nixl_lock:
+            if self.nixl is None and self.nixl_offered:
+                self.nixl = await asyncio.to_thread(server_endpoint, self.arena)
+                self.nixl_offered = self.nixl is not None
+            return self.nixl
 
     async def serve_forever(self) -> None:
         assert self._server is not None, "start() first"
@@ -312,7 +326,7 @@ class _Connection(asyncio.BufferedProtocol):
                 assert self.tenant is not None
                 self._send(fr.encode_stats_ok(frame.request_id, self.server.stats(self.tenant)))
             case fr.NixlConnect():
-                self._nixl_connect(frame)
+                self._spawn(frame.request_id, self._nixl_connect(frame))
             case _:
                 raise fr.ParseError(f"a client may not send {frame.op!r} frames")
 
@@ -327,12 +341,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(
             fr.encode_hello_ok(
                 frame.request_id, self.tenant.name, self.tenant.salt, self.server.config.node_id,
-                self.server.config.limits, offer, self.server.nixl is not None,
+                self.server.config.limits, offer, self.server.nixl_offered,
             )
         )  # fmt: skip
 
-    def _nixl_connect(self, frame: fr.NixlConnect) -> None:
-        nixl = self.server.nixl
+    async def _nixl_connect(self, frame: fr.NixlConnect) -> None:
+        nixl = await self.server.nixl_endpoint()
         if nixl is None:
             self._send(fr.encode_error(frame.request_id, "unsupported", "NIXL is not available on this server"))
             return
@@ -480,29 +494,30 @@ class _Connection(asyncio.BufferedProtocol):
             for lease in leases:
                 self.store.release(lease)
             return
-        transport.write(head)
+        # One writelines call: uvloop hands the header and every payload view to the kernel in one writev, with
+        # no copy (the default asyncio loop of Python 3.11 would join them, so serve runs on uvloop).
         written = len(head)
+        total = sum(len(p) for p in payload)
         if leases:  # zero-copy from the arena, except a copied tail (see TAIL_COPY_BYTES)
-            total = sum(len(p) for p in payload)
             copy_from = max(0, total - TAIL_COPY_BYTES)
-            pos, tail = 0, []
+            pos, views, tail = 0, [head], []
             for p in payload:
                 cut = min(len(p), max(0, copy_from - pos))
                 if cut:
-                    transport.write(p[:cut])
+                    views.append(p if cut == len(p) else p[:cut])
                 if cut < len(p):
                     tail.append(p[cut:])
                 pos += len(p)
+            if tail:
+                views.append(b"".join(tail))
             self._written += written + copy_from
             self._sending_leases.append((self._written, list(leases)))
-            if tail:
-                transport.write(b"".join(tail))
             self._written += total - copy_from
+            transport.writelines(views)
         else:  # payloads not in the arena are objects the transport keeps alive itself
-            for p in payload:
-                transport.write(p)
-            self._written += written + sum(len(p) for p in payload)
-        self.counters.bytes_sent += written + sum(len(p) for p in payload)
+            transport.writelines([head, *payload])
+            self._written += written + total
+        self.counters.bytes_sent += written + total
         self._release_sending()
 
     def _send_error(self, request_id: int, exc: BaseException) -> None:

@@ -208,7 +208,11 @@ nixl_missing = nixl_transport.load_api()[0] is None
 @pytest.mark.skipif(nixl_missing, reason="NIXL is not installed (pip install 'kvfabric[nixl]')")
 def test_nixl_get(store: ArenaStore) -> None:
     with thread_server(store, nixl=True) as srv, Client(srv.url, nixl=True) as c:
+        with Client(srv.url, shm=False) as tcp:
+            assert tcp.session.nixl and tcp.transport == "tcp"
+            assert srv.sync(lambda: srv.server.nixl) is None  # offered, but started only for a client that asks
         assert c.transport == "nixl"
+        assert srv.sync(lambda: srv.server.nixl) is not None
         c.put(SPEC, TOKENS, kv(4))
         out = [np.zeros(SPEC.block_nbytes, dtype=np.uint8) for _ in range(4)]
         c.get_blocks(SPEC, c.block_hashes(SPEC, TOKENS), out)
@@ -221,7 +225,7 @@ def test_nixl_falls_back_to_tcp_with_a_log_line(store: ArenaStore, monkeypatch, 
     monkeypatch.setattr(nixl_transport, "_API_MODULES", ("kvfabric_no_such_nixl_module",))
     caplog.set_level(logging.INFO)
     with thread_server(store, nixl=True) as srv:
-        assert srv.server.nixl is None
+        assert not srv.server.nixl_offered
         with Client(srv.url, nixl=True) as c:
             assert c.transport == "tcp"
             c.put(SPEC, TOKENS, kv(4))
