@@ -71,9 +71,11 @@ class FabricStore(Protocol):
     def delete_many(self, keys: Sequence[BlockKey]) -> int: ...
     def pin(self, key: BlockKey) -> Any: ...
     def unpin(self, key: BlockKey) -> Any: ...
-    def acquire(self, key: BlockKey) -> StoreLease | None: ...
+    def acquire(self, key: BlockKey, *, promote: bool = True) -> StoreLease | None: ...
     def release(self, lease: Any) -> None: ...
     def tier_stats(self) -> dict[TierId, Any]: ...
+    @property
+    def tiers(self) -> list[TierId]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class FabricServer:
         self.arena: shm.ArenaMap | None = None
         self.nixl: NixlServerEndpoint | None = None
         self.nixl_offered = False  # NIXL importable and not failed: HELLO offers it, the endpoint starts on demand
+        self.has_lower_tiers = len(store.tiers) > 1  # RAM misses may be found (with I/O) below RAM
         self._nixl_lock = asyncio.Lock()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
@@ -315,11 +318,11 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self._spawn(frame.request_id, self._put(frame, bufs))
             case fr.Get():
-                self._spawn(frame.request_id, self._get(frame))
+                self._get(frame)
             case fr.KeyRequest():
                 self._spawn(frame.request_id, self._key_request(frame))
             case fr.LeaseRequest():
-                self._spawn(frame.request_id, self._lease(frame))
+                self._lease(frame)
             case fr.RegisterModel():
                 self._spawn(frame.request_id, self._register(frame))
             case fr.Stats():
@@ -391,40 +394,95 @@ class _Connection(asyncio.BufferedProtocol):
         await asyncio.to_thread(self.store.put_many, blocks)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
-    async def _get(self, frame: fr.Get) -> None:
-        keys = self._key_list(frame.model, frame.hashes)
-        views: list[memoryview | None] = [None] * len(keys)
-        metas: list[fr.WireMeta | None] = [None] * len(keys)
-        leases: list[StoreLease] = []
-        slow: list[int] = []
-        arena = self.server.arena
+    def _acquire_in_ram(
+        self, request_id: int, keys: Sequence[BlockKey], limit: int | None = None
+    ) -> list[StoreLease | None] | None:
+        """RAM-arena leases for ``keys`` (``None`` where RAM misses): no disk or network I/O, so it runs inline.
+        On a store error, what was acquired is released, the client gets an ERROR frame and this returns None."""
+        out: list[StoreLease | None] = []
+        if self.server.arena is None:
+            return [None] * len(keys)
+        held = 0
         try:
-            for i, key in enumerate(keys):
-                lease = self.store.acquire(key) if arena is not None else None
-                if lease is None:
-                    slow.append(i)
-                    continue
-                leases.append(lease)
-                views[i] = arena.view(lease.offset, lease.nbytes)  # type: ignore[union-attr]
-                metas[i] = _wire(lease.meta)
-            if slow:
-                found = await asyncio.to_thread(lambda: [self.store.get(keys[i]) for i in slow])
-                for i, block in zip(slow, found, strict=True):
-                    if block is not None:
-                        views[i] = memoryview(block.payload).cast("B")
-                        metas[i] = _wire(block.meta)
-            chunks = frame.chunks
-            if any(m is not None and m.nbytes % chunks for m in metas):
-                raise InvalidBlockError(f"a requested block does not split into {chunks} equal chunks")
-            payload = [v for v in views if v is not None]
-            if chunks > 1:
-                payload = [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks)
-                           for v in payload]  # fmt: skip
+            for key in keys:
+                lease = self.store.acquire(key, promote=False) if limit is None or held < limit else None
+                held += lease is not None
+                out.append(lease)
+        except Exception as exc:
+            for lease in out:
+                if lease is not None:
+                    self.store.release(lease)
+            self._send_error(request_id, exc)
+            return None
+        return out
+
+    def _get(self, frame: fr.Get) -> None:
+        """RAM hits are answered right here, from the arena; anything else goes to a thread (lower tiers)."""
+        keys = self._key_list(frame.model, frame.hashes)
+        leases = self._acquire_in_ram(frame.request_id, keys)
+        if leases is None:
+            return
+        final = self.server.arena is not None and not self.server.has_lower_tiers  # a RAM miss is a miss
+        if final or all(lease is not None for lease in leases):
+            self._reply_get(frame, leases, {})
+        else:
+            self._spawn(frame.request_id, self._get_below(frame, keys, leases))
+
+    async def _get_below(self, frame: fr.Get, keys: list[BlockKey], leases: list[StoreLease | None]) -> None:
+        missing = [i for i, lease in enumerate(leases) if lease is None]
+        arena = self.server.arena
+        store = self.store
+
+        def fetch() -> list[StoreLease | Block | None]:
+            out: list[StoreLease | Block | None] = []
+            for i in missing:  # promote into the arena and send from there; a copy when RAM has no room
+                lease = store.acquire(keys[i]) if arena is not None else None
+                out.append(lease if lease is not None else store.get(keys[i]))
+            return out
+
+        try:
+            found = await asyncio.to_thread(fetch)
         except BaseException:
             for lease in leases:
-                self.store.release(lease)
+                if lease is not None:
+                    store.release(lease)
             raise
-        self._send(fr.encode_blocks(frame.request_id, metas, chunks), payload, leases)
+        blocks: dict[int, Block] = {}
+        for i, item in zip(missing, found, strict=True):
+            if isinstance(item, Block):
+                blocks[i] = item
+            else:
+                leases[i] = item
+        self._reply_get(frame, leases, blocks)
+
+    def _reply_get(self, frame: fr.Get, leases: list[StoreLease | None], blocks: dict[int, Block]) -> None:
+        """Send the BLOCKS reply: leased blocks from the arena (released once sent), others from their copies."""
+        held = [lease for lease in leases if lease is not None]
+        try:
+            arena = self.server.arena
+            views: list[memoryview] = []
+            metas: list[fr.WireMeta | None] = []
+            for i, lease in enumerate(leases):
+                if lease is not None:
+                    views.append(arena.view(lease.offset, lease.nbytes))  # type: ignore[union-attr]
+                    metas.append(_wire(lease.meta))
+                elif (block := blocks.get(i)) is not None:
+                    views.append(memoryview(block.payload).cast("B"))
+                    metas.append(_wire(block.meta))
+                else:
+                    metas.append(None)
+            chunks = frame.chunks
+            if chunks > 1:
+                if any(len(v) % chunks for v in views):
+                    raise InvalidBlockError(f"a requested block does not split into {chunks} equal chunks")
+                views = [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks)
+                         for v in views]  # fmt: skip
+        except Exception as exc:
+            for lease in held:
+                self.store.release(lease)
+            self._send_error(frame.request_id, exc)
+            return
+        self._send(fr.encode_blocks(frame.request_id, metas, chunks), views, held)
 
     async def _key_request(self, frame: fr.KeyRequest) -> None:
         keys = self._key_list(frame.model, frame.hashes)
@@ -452,33 +510,72 @@ class _Connection(asyncio.BufferedProtocol):
 
                 self._send(fr.encode_count(frame.request_id, await asyncio.to_thread(apply)))
 
-    async def _lease(self, frame: fr.LeaseRequest) -> None:
+    def _lease(self, frame: fr.LeaseRequest) -> None:
+        """Leases for a shm / NIXL client: RAM hits inline; misses promoted (or found below) in a thread."""
         keys = self._key_list(frame.model, frame.hashes)
-        entries: list[fr.LeaseEntry] = [None] * len(keys)
-        slow: list[int] = []
-        limit = self.server.config.max_leases_per_connection
-        for i, key in enumerate(keys):
-            lease = self.store.acquire(key) if len(self._client_leases) < limit else None
-            if lease is None:
-                slow.append(i)
-                continue
-            lease_id = self._next_lease
-            self._next_lease += 1
-            self._client_leases[lease_id] = lease
-            self.counters.leases_outstanding += 1
-            entries[i] = fr.Lease(lease_id, lease.offset, _wire(lease.meta))
-        if slow:
-            heads = await asyncio.to_thread(lambda: [self.store.head(keys[i]) for i in slow])
-            for i, head in zip(slow, heads, strict=True):
-                if head is not None:
-                    entries[i] = fr.Elsewhere(_wire(head[0]))
-        if self.closed:  # the client went away while we looked; connection_lost already ran
-            for e in entries:
-                if isinstance(e, fr.Lease):
-                    lease = self._client_leases.pop(e.lease_id, None)
-                    if lease is not None:
-                        self._release(lease)
+        room = self.server.config.max_leases_per_connection - len(self._client_leases)
+        leases = self._acquire_in_ram(frame.request_id, keys, max(0, room))
+        if leases is None:
             return
+        if all(lease is not None for lease in leases):
+            self._reply_leases(frame, leases, {})
+        else:
+            self._spawn(frame.request_id, self._lease_below(frame, keys, leases, room))
+
+    async def _lease_below(
+        self, frame: fr.LeaseRequest, keys: list[BlockKey], leases: list[StoreLease | None], room: int
+    ) -> None:
+        missing = [i for i, lease in enumerate(leases) if lease is None]
+        room -= len(leases) - len(missing)
+        store = self.store
+        promote = self.server.arena is not None and self.server.has_lower_tiers
+
+        def fetch() -> list[StoreLease | BlockMeta | None]:
+            out: list[StoreLease | BlockMeta | None] = []
+            for n, i in enumerate(missing):
+                lease = store.acquire(keys[i]) if promote and n < room else None
+                if lease is None:
+                    head = store.head(keys[i])
+                    out.append(head[0] if head is not None else None)
+                else:
+                    out.append(lease)
+            return out
+
+        try:
+            found = await asyncio.to_thread(fetch)
+        except BaseException:
+            for lease in leases:
+                if lease is not None:
+                    store.release(lease)
+            raise
+        elsewhere: dict[int, BlockMeta] = {}
+        for i, item in zip(missing, found, strict=True):
+            if isinstance(item, BlockMeta):
+                elsewhere[i] = item
+            else:
+                leases[i] = item
+        self._reply_leases(frame, leases, elsewhere)
+
+    def _reply_leases(
+        self, frame: fr.LeaseRequest, leases: list[StoreLease | None], elsewhere: dict[int, BlockMeta]
+    ) -> None:
+        if self.closed:  # the client went away meanwhile; connection_lost has run
+            for lease in leases:
+                if lease is not None:
+                    self.store.release(lease)
+            return
+        entries: list[fr.LeaseEntry] = []
+        for i, lease in enumerate(leases):
+            if lease is not None:
+                lease_id = self._next_lease
+                self._next_lease += 1
+                self._client_leases[lease_id] = lease
+                self.counters.leases_outstanding += 1
+                entries.append(fr.Lease(lease_id, lease.offset, _wire(lease.meta)))
+            elif (meta := elsewhere.get(i)) is not None:
+                entries.append(fr.Elsewhere(_wire(meta)))
+            else:
+                entries.append(None)
         self._send(fr.encode_leases(frame.request_id, entries))
 
     # --- frames out ----------------------------------------------------------------------------------------------
