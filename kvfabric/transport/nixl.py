@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 _API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
 MAX_CACHED_REGISTRATIONS = 64
 XFER_TIMEOUT_S = 30.0
+RDMA_DEVICES = "/sys/class/infiniband"
 
 
 def load_api() -> tuple[ModuleType | None, str]:
@@ -39,10 +41,25 @@ def load_api() -> tuple[ModuleType | None, str]:
     return None, "; ".join(reasons)
 
 
+def _skip_absent_rdma_modules() -> None:
+    """On a host without RDMA devices, keep UCX from loading its InfiniBand modules (unless ``UCX_MODULES`` is set):
+    they cannot be used there, and the libnl they pull in (bundled in the nixl wheels) crashes in its library
+    destructor at process exit (SIGSEGV in ``rtnl_tc_unregister``), turning every clean exit into exit code 139."""
+    if "UCX_MODULES" in os.environ:
+        return
+    try:
+        has_rdma = any(Path(RDMA_DEVICES).iterdir())
+    except OSError:
+        has_rdma = False
+    if not has_rdma:
+        os.environ["UCX_MODULES"] = "^ib,rdmacm"  # read by UCX when the first agent loads it
+
+
 def _agent(api: ModuleType, role: str, progress_thread: bool) -> Any:
     """A NIXL agent with the UCX backend. ``progress_thread`` starts UCX's progress thread, which polls without
     pause: the server needs it (over UCX's TCP transport a remote read is served by the target's progress), a
     client does not (it drives progress itself while it waits for its reads)."""
+    _skip_absent_rdma_modules()
     name = f"kvfabric-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
     if "UCX" not in agent.backends:
