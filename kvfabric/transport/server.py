@@ -315,8 +315,10 @@ class _Connection(asyncio.BufferedProtocol):
                 bufs = self._put_buffers.pop(frame.request_id, [])
                 if error is not None:
                     self._send_error(frame.request_id, error)
+                elif self.server.has_lower_tiers:
+                    self._spawn(frame.request_id, self._put_below(frame, bufs))
                 else:
-                    self._spawn(frame.request_id, self._put(frame, bufs))
+                    self._put(frame, bufs)
             case fr.Get():
                 self._get(frame)
             case fr.KeyRequest():
@@ -382,7 +384,7 @@ class _Connection(asyncio.BufferedProtocol):
         fp = await asyncio.to_thread(self.store.register_model, spec)
         self._send(fr.encode_model_ok(frame.request_id, fp))
 
-    async def _put(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
+    def _blocks(self, frame: fr.Put, bufs: list[np.ndarray]) -> list[Block]:
         assert self.tenant is not None
         created = now_ms()
         blocks = []
@@ -391,6 +393,21 @@ class _Connection(asyncio.BufferedProtocol):
             key = BlockKey(self.tenant.name, frame.model, item.prefix)
             meta = BlockMeta(key, m.dtype, m.shape, m.token_count, m.parent, m.created_ms or created)
             blocks.append(Block(meta, memoryview(buf)))
+        return blocks
+
+    def _put(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
+        """A RAM-only store: the put is one copy into the arena, which would hold the GIL in a thread as well."""
+        try:
+            blocks = self._blocks(frame, bufs)
+            self.store.put_many(blocks)
+        except Exception as exc:
+            self._send_error(frame.request_id, exc)
+            return
+        self._send(fr.encode_count(frame.request_id, len(blocks)))
+
+    async def _put_below(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
+        """Lower tiers write (disk, network) in a thread."""
+        blocks = self._blocks(frame, bufs)
         await asyncio.to_thread(self.store.put_many, blocks)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
