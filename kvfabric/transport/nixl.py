@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -35,10 +36,23 @@ def load_api() -> tuple[ModuleType | None, str]:
     reasons = []
     for name in _API_MODULES:
         try:
-            return importlib.import_module(name), ""
+            api = importlib.import_module(name)
         except Exception as exc:  # ImportError, or a broken native library raising anything at import
             reasons.append(f"{name}: {exc}")
+            continue
+        _log_through_the_application()
+        return api, ""
     return None, "; ".join(reasons)
+
+
+def _log_through_the_application() -> None:
+    """NIXL's Python package logs INFO lines to stdout through its own handler, which corrupts the stdout of the
+    program using it (``bench/transport.py --json``, say): hand its records to the application's logging."""
+    nixl_log = logging.getLogger("nixl")
+    for handler in list(nixl_log.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            nixl_log.removeHandler(handler)
+    nixl_log.propagate = True
 
 
 def _skip_absent_rdma_modules() -> None:
