@@ -9,6 +9,7 @@ import sys
 
 COMMAND_MODULES = (
     "kvfabric.transport.serve",
+    "kvfabric.admin_cli",
 )
 """Modules defining subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``."""
 

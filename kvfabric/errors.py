@@ -16,7 +16,8 @@ backend or transport that raised them, and re-raised with ``from exc`` so the ca
     │   ├── TierFullError
     │   └── TierUnavailableError
     ├── ProtocolError              the wire protocol was violated
-    │   └── FrameTooLargeError
+    │   ├── FrameTooLargeError
+    │   └── EventFormatError       a KV event batch (ours or an engine's) cannot be parsed
     ├── AuthError                  missing/invalid credentials, or a scope the token lacks
     ├── ClientError                a client-side failure (timeouts, connection loss)
     │   └── RemoteError            the server answered with an error
@@ -108,6 +109,10 @@ class FrameTooLargeError(ProtocolError):
         super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+
+
+class EventFormatError(ProtocolError, ValueError):
+    """A serialised KV event batch is malformed or of an unknown version; nothing of it was applied."""
 
 
 class AuthError(KVFabricError):

@@ -4,7 +4,8 @@
 listeners is set on the command line (HTTP port ``p`` and gRPC port ``p + 10000``, SeaweedFS's own convention, which
 its admin worker assumes), and WebDAV, Iceberg and Lance are switched off, so several sessions on one machine never
 share a port. Ports are picked at random below the kernel's ephemeral range and checked free; if another process
-takes one between the check and the bind, the server's log names it and the start is retried on new ports.
+takes an HTTP port between the check and the bind, weed logs "Port allocation failed: port N ...", the start fails
+with ``PortInUseError`` naming it and is retried on new ports (a taken gRPC port weed replaces by a free one).
 
     with SeaweedFS() as s3:                 # ~1 s; stops the process group and removes its data on exit
         bucket = s3.create_bucket()
@@ -43,7 +44,9 @@ COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 """Each gets an HTTP port p and a gRPC port p + 10000."""
 GRPC_OFFSET = 10000
 _PORT_RANGE = (12000, 22000)  # p and p + 10000 both stay below the ephemeral range (32768+) that port 0 hands out
-_BIND_ERROR = re.compile(r"listen tcp [\d.]*:(\d+): bind: address already in use")
+_BIND_ERROR = re.compile(
+    r"Port allocation failed: port (\d+) for \w+ .*is not available|listen tcp [\d.]*:(\d+): bind: address already in use"
+)
 
 
 class PortInUseError(RuntimeError):
@@ -186,10 +189,9 @@ class SeaweedFS:
         for attempt in range(attempts):
             if not self.ports:
                 self.ports = pick_ports()
-            for component, port in self.ports.items():
-                for q, name in ((port, component), (port + GRPC_OFFSET, f"{component} grpc")):
-                    if not _port_free(q):
-                        raise PortInUseError(q, name)
+            for component, port in self.ports.items():  # a taken gRPC port weed replaces by a free one itself
+                if not _port_free(port):
+                    raise PortInUseError(port, component)
             try:
                 self._launch()
                 return self
@@ -219,7 +221,7 @@ class SeaweedFS:
             )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_s
         client = self.endpoint.client(
-            connect_timeout=1, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}
+            connect_timeout=1, read_timeout=2, retries={"max_attempts": 1, "mode": "standard"}
         )
         while True:
             if self._proc.poll() is not None:
@@ -242,7 +244,7 @@ class SeaweedFS:
             m = _BIND_ERROR.search(self._log_path.read_text(errors="replace"))
         except FileNotFoundError:
             return None
-        return int(m.group(1)) if m else None
+        return int(m.group(1) or m.group(2)) if m else None
 
     def _fail_start(self, why: str) -> None:
         bound = self._bind_conflict()
@@ -281,7 +283,11 @@ class SeaweedFS:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

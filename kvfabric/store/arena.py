@@ -3,6 +3,12 @@
 The region is an mmap of a file under ``/dev/shm`` so a client on the same host can map the same file read-only and
 read a leased block in place (the shm fast path); with ``shm_dir=None`` it is an anonymous mapping instead.
 
+A process that dies without closing its arena (a crash, ``kill -9``) would leave the file, and its memory, behind.
+So every arena holds a shared ``flock`` on its file for its whole life, and each new arena first removes the arena
+files in its directory that nobody holds a lock on any more. The kernel drops a dead process's locks, in any PID
+namespace, so a live arena is never taken for a stale one. A file is created under a hidden temporary name, locked,
+then renamed, so it is never visible unlocked.
+
 The allocator is best-fit over a free list of extents kept twice: by offset (to coalesce a freed extent with its
 neighbours in O(log n)) and by (size, offset) (to find the smallest extent that fits in O(log n)). Every extent is a
 multiple of ``alignment`` bytes and starts at a multiple of it.
@@ -12,9 +18,12 @@ Not thread-safe: its owner (the RAM tier) serialises every call under its own lo
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import secrets
+import time
 from pathlib import Path
 
 from sortedcontainers import SortedDict, SortedList
@@ -23,6 +32,8 @@ from kvfabric.errors import StoreError
 
 DEFAULT_ALIGNMENT = 64
 """One cache line: copies into and out of the arena start aligned, and small blocks waste little."""
+TMP_GRACE_S = 60.0
+"""A hidden arena file younger than this may be mid-creation (created, not yet locked): the sweep leaves it."""
 
 
 def _round_up(n: int, alignment: int) -> int:
@@ -38,7 +49,7 @@ class Arena:
         *,
         shm_dir: str | os.PathLike[str] | None = "/dev/shm",
         alignment: int = DEFAULT_ALIGNMENT,
-        name_prefix: str = "kvfabric-arena",
+        name_prefix: str = "kvfabric-ram",
         prefault: bool = False,
     ) -> None:
         """``prefault`` maps every page up front (MAP_POPULATE): the arena's memory is committed at once, and first
@@ -51,23 +62,29 @@ class Arena:
         self.size = _round_up(size, max(alignment, mmap.PAGESIZE))
         self._path: Path | None = None
         populate = mmap.MAP_POPULATE if prefault else 0
+        self._fd: int | None = None
         if shm_dir is None:
             self._mmap = mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
         else:
-            # Unique per instance (pid + random), created exclusively and private to this user.
-            path = Path(shm_dir) / f"{name_prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+            directory = Path(shm_dir)
+            sweep_stale_arenas(directory, name_prefix)
+            name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+            path, tmp = directory / name, directory / f".{name}.tmp"
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 raise StoreError(f"cannot create arena file {path}: {exc}") from exc
             try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # held until close: marks the file as in use
                 os.ftruncate(fd, self.size)
                 self._mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED | populate, mmap.PROT_READ | mmap.PROT_WRITE)
+                os.rename(tmp, path)
             except OSError as exc:
-                os.unlink(path)
-                raise StoreError(f"cannot map arena file {path} of {self.size} bytes: {exc}") from exc
-            finally:
                 os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise StoreError(f"cannot map arena file {path} of {self.size} bytes: {exc}") from exc
+            self._fd = fd
             self._path = path
         self._view = memoryview(self._mmap)
         self._free_by_offset: SortedDict = SortedDict({0: self.size})
@@ -154,10 +171,11 @@ class Arena:
         except BufferError:
             pass  # a caller still holds a view; the mapping goes when the last one is garbage-collected
         if self._path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
     # --- free-list bookkeeping -----------------------------------------------------------------------------------
     def _add_free(self, offset: int, size: int) -> None:
@@ -168,3 +186,37 @@ class Arena:
         size = self._free_by_offset.pop(offset)
         self._free_by_size.remove((size, offset))
         return size
+
+
+def sweep_stale_arenas(directory: Path, name_prefix: str) -> list[Path]:
+    """Remove this user's arena files in ``directory`` that no process holds locked (their owner died); the paths
+    removed."""
+    removed = []
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        is_tmp = entry.name.startswith(f".{name_prefix}-")
+        if not (entry.name.startswith(f"{name_prefix}-") or is_tmp):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or st.st_uid != uid:
+                continue
+            if is_tmp and time.time() - st.st_mtime < TMP_GRACE_S:
+                continue  # possibly being created right now, not yet locked
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live arena
+        finally:
+            os.close(fd)  # (also drops the lock just taken)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed

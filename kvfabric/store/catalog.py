@@ -32,9 +32,10 @@ class NamespaceStats:
 
 
 class Catalog:
-    """Every stored key with its raw size, in per-namespace least-recently-used order."""
+    """Every stored key with its raw size, in least-recently-used order per namespace and overall."""
 
     def __init__(self) -> None:
+        self._recency: OrderedDict[BlockKey, None] = OrderedDict()  # all namespaces: lower-tier eviction order
         self._by_namespace: dict[Namespace, OrderedDict[BlockKey, int]] = {}
         self._namespace_bytes: dict[Namespace, int] = {}
         self._model_usage: dict[tuple[Namespace, ModelFingerprint], list[int]] = {}  # [blocks, bytes]
@@ -44,7 +45,7 @@ class Catalog:
         return entries is not None and key in entries
 
     def __len__(self) -> int:
-        return sum(len(entries) for entries in self._by_namespace.values())
+        return len(self._recency)
 
     def size_of(self, key: BlockKey) -> int | None:
         entries = self._by_namespace.get(key.namespace)
@@ -53,6 +54,7 @@ class Catalog:
     def add(self, key: BlockKey, nbytes: int) -> None:
         """Record ``key`` (most recently used) at ``nbytes``; replaces a previous size."""
         self.remove(key)
+        self._recency[key] = None
         self._by_namespace.setdefault(key.namespace, OrderedDict())[key] = nbytes
         self._namespace_bytes[key.namespace] = self._namespace_bytes.get(key.namespace, 0) + nbytes
         usage = self._model_usage.setdefault((key.namespace, key.model), [0, 0])
@@ -65,6 +67,7 @@ class Catalog:
         if entries is None or key not in entries:
             return None
         nbytes = entries.pop(key)
+        del self._recency[key]
         self._namespace_bytes[key.namespace] -= nbytes
         usage = self._model_usage[(key.namespace, key.model)]
         usage[0] -= 1
@@ -80,6 +83,7 @@ class Catalog:
         entries = self._by_namespace.get(key.namespace)
         if entries is not None and key in entries:
             entries.move_to_end(key)
+            self._recency.move_to_end(key)
 
     def namespace_bytes(self, namespace: Namespace) -> int:
         return self._namespace_bytes.get(namespace, 0)
@@ -87,6 +91,10 @@ class Catalog:
     def least_recent(self, namespace: Namespace) -> Iterator[tuple[BlockKey, int]]:
         """The namespace's keys with sizes, least recently used first. Do not mutate while iterating."""
         return iter(self._by_namespace.get(namespace, OrderedDict()).items())
+
+    def least_recent_overall(self) -> list[BlockKey]:
+        """Every key, least recently used first (a copy)."""
+        return list(self._recency)
 
     def keys(self, namespace: Namespace | None = None, model: ModelFingerprint | None = None) -> list[BlockKey]:
         spaces = [namespace] if namespace is not None else list(self._by_namespace)

@@ -9,14 +9,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from kvfabric.codec import Codec
 from kvfabric.errors import ConfigError
+from kvfabric.store.object.config import ObjectTierConfig  # plain data: no boto3 behind this import
 from kvfabric.store.policy import POLICIES
-
-if TYPE_CHECKING:
-    from kvfabric.store.object import ObjectTierConfig
 
 WRITE_THROUGH = "write-through"
 WRITE_BACK = "write-back"
@@ -107,6 +105,8 @@ class StoreConfig:
         if "ram" in self.write_policy:
             raise ConfigError("write_policy.ram: RAM is always written first; set policies for disk/object only")
         _positive("max_block_bytes", self.max_block_bytes)
+        if self.object is not None and not isinstance(self.object, ObjectTierConfig):
+            raise ConfigError(f"object must be an ObjectTierConfig, got {type(self.object).__name__}")
         for name, ns_policy in self.namespaces.items():
             if not isinstance(ns_policy, NamespacePolicy):
                 raise ConfigError(f"namespaces.{name} must be a NamespacePolicy, got {type(ns_policy).__name__}")

@@ -47,16 +47,17 @@ from kvfabric.ids import BlockKey, ModelFingerprint, Namespace, TierId
 from kvfabric.record import Block, BlockMeta, decode_record
 from kvfabric.spec import ModelSpec
 from kvfabric.store.catalog import Catalog, NamespaceStats
-from kvfabric.store.config import WRITE_THROUGH, StoreConfig
+from kvfabric.store.config import WRITE_THROUGH, NamespacePolicy, StoreConfig
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
-from kvfabric.store.tier import Tier, TierStats
+from kvfabric.store.tier import Tier, TierCapabilities, TierStats
 
 N_STRIPES = 64
 FLUSH_BATCH = 64
 MAX_FLUSH_BACKOFF_S = 30.0
 ROOM_FRACTION = 16
+ROOM_ROUNDS = 4
 
 
 class _LowerTierFull(Exception):
@@ -183,10 +184,14 @@ class TieredStore:
         if not ready:
             return
         victims, undo = self._reserve(ready)
-        for key in victims:
-            with self._stripe(key):
-                self._remove_everywhere(key)
-            self._count("quota_evictions")
+        try:
+            for key in victims:
+                with self._stripe(key):
+                    self._remove_everywhere(key)
+                self._count("quota_evictions")
+        except BaseException:
+            self._unreserve(undo)
+            raise
         for i, block in enumerate(ready):
             try:
                 self._write_making_room(block)
@@ -353,27 +358,31 @@ class TieredStore:
     # --- maintenance -----------------------------------------------------------------------------------------------
     def evict(self, tier_id: TierId, nbytes: int) -> int:
         """Evict at least ``nbytes`` from one tier (never pinned blocks), demoting what lower tiers still lack;
-        bytes freed. RAM evicts by its policy; other tiers oldest-written first."""
+        bytes freed. RAM evicts by its policy; other tiers least recently used first (store-wide recency)."""
         self._check_open()
         tier = self._by_id.get(tier_id)
         if tier is None:
             raise ValueError(f"no tier {tier_id!r}; tiers: {list(self._by_id)}")
         if tier is self._ram:
             return self._ram.evict(nbytes)
-        candidates = []
-        for key in list(tier.keys()):
-            if key in self._pins:
-                continue
-            meta = tier.head(key)
-            if meta is not None:
-                candidates.append(meta)
-        candidates.sort(key=lambda m: m.created_ms)
+        with self._lock:
+            candidates = self._catalog.least_recent_overall()
+        freed = self._evict_keys(tier, candidates, nbytes)
+        if freed < nbytes:  # blocks the catalog does not know (it can lag a tier that dropped a corrupt record)
+            freed += self._evict_keys(tier, list(tier.keys()), nbytes - freed)
+        return freed
+
+    def _evict_keys(self, tier: Tier, keys: list[BlockKey], nbytes: int) -> int:
         freed = 0
-        for meta in candidates:
+        for key in keys:
             if freed >= nbytes:
                 break
-            with self._stripe(meta.key):
-                freed += self._evict_from_lower(tier, meta)
+            if key in self._pins:
+                continue
+            with self._stripe(key):
+                meta = tier.head(key)
+                if meta is not None:
+                    freed += self._evict_from_lower(tier, meta)
         return freed
 
     def expire(self) -> int:
@@ -418,9 +427,14 @@ class TieredStore:
         self._check_open()
         error = self._drain(self._ram.version)
         for tier in self._lower:
-            tier_flush = getattr(tier, "flush", None)
-            if callable(tier_flush):
+            tier_flush = getattr(tier, "flush", None)  # tiers that buffer writes themselves (object segments)
+            if not callable(tier_flush):
+                continue
+            try:
                 tier_flush()
+            except KVFabricError as exc:
+                self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                error = error or exc
         if error is not None:
             raise error
 
@@ -470,6 +484,14 @@ class TieredStore:
     def tier_stats(self) -> dict[TierId, TierStats]:
         return {t.tier_id: t.stats() for t in self._tiers}
 
+    def tier(self, tier_id: TierId) -> Tier:
+        """One of the store's tiers, for what only it can tell (the object tier's upload stats, the disk's usage).
+        Write through the store, not through the tier, or the store's books go wrong."""
+        try:
+            return self._by_id[tier_id]
+        except KeyError:
+            raise ValueError(f"no tier {tier_id!r}; tiers: {list(self._by_id)}") from None
+
     def namespace_stats(self) -> dict[Namespace, NamespaceStats]:
         """Distinct blocks and raw bytes per namespace, and per model within it."""
         with self._lock:
@@ -489,6 +511,30 @@ class TieredStore:
     @property
     def tiers(self) -> list[TierId]:
         return [t.tier_id for t in self._tiers]
+
+    def tier_capabilities(self) -> dict[TierId, TierCapabilities]:
+        """What each tier is (persistent, shared, ...), nearest first: the admin API's tier view."""
+        return {t.tier_id: t.capabilities for t in self._tiers}
+
+    def upload_backlog_bytes(self) -> int:
+        """Bytes accepted by tiers that upload in the background (the object tier) and not uploaded yet."""
+        total = 0
+        for tier in self._lower:
+            object_stats = getattr(tier, "object_stats", None)
+            if callable(object_stats):
+                total += object_stats().backlog_bytes
+        return total
+
+    def set_namespace_policy(self, namespace: Namespace, policy: NamespacePolicy | None) -> None:
+        """Replace ``namespace``'s TTL and quota at runtime (``None``: back to the default, ``"*"``'s). Applies from
+        the next put or read on; a lowered quota is met by the next put's quota eviction, not at once."""
+        with self._lock:
+            namespaces = dict(self.config.namespaces)
+            if policy is None:
+                namespaces.pop(namespace, None)
+            else:
+                namespaces[namespace] = policy
+            self.config = replace(self.config, namespaces=namespaces)
 
     # --- validation and quotas -------------------------------------------------------------------------------------
     def _validated(self, block: Block) -> Block:
@@ -560,14 +606,16 @@ class TieredStore:
 
     # --- the write path (caller holds the key's stripe) ------------------------------------------------------------
     def _write_making_room(self, block: Block) -> None:
-        """:meth:`_write` under the key's stripe; if a lower tier that refuses writes when full (disk) is full,
-        make room there (outside the stripe: eviction takes other keys' stripes) and try once more."""
-        try:
-            with self._stripe(block.key):
-                self._write(block)
-            return
-        except _LowerTierFull as full:
-            self._make_room(full.tier, block.meta.nbytes)
+        """:meth:`_write` under the key's stripe. If a lower tier that refuses writes when full (disk) is full,
+        make room there (outside the stripe: eviction takes other keys' stripes) and try again, a few rounds at
+        most: evicted space comes back only once compaction finds segments dead enough to rewrite."""
+        for _ in range(ROOM_ROUNDS):
+            try:
+                with self._stripe(block.key):
+                    self._write(block)
+                return
+            except _LowerTierFull as full:
+                self._make_room(full.tier, block.meta.nbytes)
         try:
             with self._stripe(block.key):
                 self._write(block)
@@ -951,9 +999,11 @@ def _open_disk_tier(config: StoreConfig, events: EventSink | None) -> Tier:
 
 
 def _open_object_tier(config: StoreConfig, events: EventSink | None) -> Tier:
-    """The S3-compatible tier (``kvfabric.store.object``)."""
+    """The S3-compatible tier (``kvfabric.store.object``), its index rebuilt from the bucket's manifests. An
+    unreachable store fails the open (``TierUnavailableError``) rather than starting a node that cannot see what S3
+    holds."""
     try:
         from kvfabric.store.object import ObjectTier  # imported here: only stores with an object tier need boto3
     except ImportError as exc:
         raise ConfigError("object tier configured but this build has no kvfabric.store.object") from exc
-    return ObjectTier(config.object, source=config.node_id, events=events)
+    return ObjectTier.open(config.object, source=config.node_id, events=events)

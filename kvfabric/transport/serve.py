@@ -1,16 +1,23 @@
-"""``kvfabric serve``: one process serving the data plane over TCP for a TieredStore."""
+"""``kvfabric serve``: one process serving the data plane over TCP for a TieredStore, and the admin app (REST API,
+``/metrics``, dashboard) on its own port.
+
+Settings come from ``--config`` (or ``$KVFABRIC_CONFIG``) and ``KVFABRIC_*`` environment variables
+(``kvfabric.config``); command-line flags given explicitly override them."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
 from kvfabric.errors import ConfigError
 from kvfabric.transport.auth import load_or_create_secret
 from kvfabric.transport.frames import Limits
@@ -19,13 +26,21 @@ from kvfabric.transport.server import FabricServer, ServerConfig
 log = logging.getLogger("kvfabric.serve")
 READY_LINE = "kvfabric serve: listening on {host}:{port}"
 """Printed (and flushed) on stdout once the port is bound, so scripts can start the server on port 0."""
+ADMIN_READY_LINE = "kvfabric serve: admin API on http://{host}:{port}"
+"""Printed before READY_LINE when the admin app is bound."""
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve the KV data plane (RAM + disk tiers) over TCP")
-    p.add_argument("--data-dir", type=Path, default=None, help="persistent state (disk tier, secret); RAM only if unset")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=9500, help="TCP port (0 = any free port; see the ready line)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="persistent state (disk tier, secret); RAM only if unset"
+    )
+    p.add_argument("--host", default=None, help="address to bind (default: server.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="TCP port (default: server.port, 9500; 0 = any free port; see the ready line)")  # fmt: skip
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="admin REST API, /metrics and dashboard port (default: server.admin_port when a config file "
+                        "is used, else no admin app; 0 = any free port)")  # fmt: skip
     p.add_argument("--config", default=None, help="TOML/YAML settings file (kvfabric.config)")
     p.add_argument("--ram-bytes", type=int, default=None, help="RAM arena size in bytes (default 1 GiB)")
     p.add_argument("--token", action="append", default=[], metavar="TOKEN=TENANT",
@@ -49,66 +64,112 @@ def _tokens(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _open_store(args: argparse.Namespace) -> Any:
+def _open_store(args: argparse.Namespace, settings: Settings) -> Any:
     if importlib.util.find_spec("kvfabric.store.tiered") is None:
         raise ConfigError("this build has no kvfabric.store.tiered (the tiered store); cannot serve")
-    from kvfabric.store.config import StoreConfig
     from kvfabric.store.tiered import TieredStore
 
-    fields: dict[str, Any] = {"data_dir": args.data_dir}
+    fields: dict[str, Any] = {}
+    if args.data_dir is not None:
+        fields["data_dir"] = args.data_dir
     if args.ram_bytes is not None:
         fields["ram_bytes"] = args.ram_bytes
-    store = TieredStore.open(StoreConfig(**fields))
+    store = TieredStore.open(dataclasses.replace(settings.store_config(), **fields))
     store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
     return store
 
 
-def _server_config(args: argparse.Namespace, store: Any) -> ServerConfig:
-    if args.config is not None:
-        if importlib.util.find_spec("kvfabric.config") is None:
-            raise ConfigError("--config needs kvfabric.config, which this build lacks; use the command-line flags")
-        raise ConfigError("--config is not wired into serve yet; use the command-line flags")
-    secret = args.secret_file.read_bytes() if args.secret_file else load_or_create_secret(args.data_dir)
+def _server_config(args: argparse.Namespace, store: Any, settings: Settings) -> ServerConfig:
+    srv = settings.server
+    if args.secret_file:
+        secret = args.secret_file.read_bytes()
+    elif srv.server_secret is not None:
+        secret = srv.server_secret.get_secret_value().encode()
+    else:
+        secret = load_or_create_secret(store.config.data_dir)
+    tokens = _tokens(args.token)
+    if not tokens and srv.auth.enabled:
+        tokens = {t.token.get_secret_value(): t.tenant for t in srv.auth.tokens}
+    cert = args.tls_cert or (str(srv.tls.cert) if srv.tls.cert else None)
+    key = args.tls_key or (str(srv.tls.key) if srv.tls.key else None)
     ssl_ctx = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
+    if cert or key:
+        if not (cert and key):
             raise ConfigError("--tls-cert and --tls-key go together")
         from kvfabric.transport.tls import server_context
 
-        ssl_ctx = server_context(args.tls_cert, args.tls_key)
+        ssl_ctx = server_context(cert, key)
     max_block = getattr(getattr(store, "config", None), "max_block_bytes", None)
     limits = Limits(max_block_bytes=max_block) if max_block else Limits()
     return ServerConfig(
-        host=args.host, port=args.port, server_secret=secret, tokens=_tokens(args.token), limits=limits,
-        ssl=ssl_ctx, nixl=not args.no_nixl,
+        host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
+        tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
     )  # fmt: skip
 
 
-async def _serve(store: Any, config: ServerConfig) -> None:
-    server = FabricServer(store, config)
+def _admin_port(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Where the admin app listens: ``--admin-port``, else ``server.admin_port`` when a config file is in use."""
+    if args.admin_port is not None:
+        return int(args.admin_port)
+    if args.config is not None or os.environ.get(CONFIG_PATH_ENV):
+        return settings.server.admin_port
+    return None
+
+
+def _check_admin_auth(args: argparse.Namespace, settings: Settings) -> None:
+    # Data-plane tokens from --token carry no scopes; an admin API left open beside them would let anyone delete.
+    if args.token and not settings.server.auth.enabled:
+        raise ConfigError(
+            "the admin API needs its tokens with scopes in the config (server.auth.tokens) when the data plane "
+            "uses --token; set them there, or leave out --admin-port"
+        )
+
+
+async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_port: int | None) -> None:
+    metrics = None
+    if admin_port is not None:
+        from kvfabric.api.metrics import Metrics
+
+        metrics = Metrics()  # the data plane records latencies into it; the admin app serves it on /metrics
+    server = FabricServer(store, config, observer=metrics)
     await server.start()
-    print(READY_LINE.format(host=config.host, port=server.port), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    admin = None
     try:
+        if admin_port is not None:
+            from kvfabric.api.app import create_app
+            from kvfabric.api.server import AdminServer
+
+            admin_host = settings.server.admin_host or config.host
+            admin = AdminServer(create_app(store, settings, metrics=metrics), admin_host, admin_port)
+            await admin.start()
+            print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
+        print(READY_LINE.format(host=config.host, port=server.port), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         log.info("shutting down")
+        if admin is not None:
+            await admin.close()
         await server.close()
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        store = _open_store(args)
+        settings = load_settings(args.config)
+        admin_port = _admin_port(args, settings)
+        if admin_port is not None:
+            _check_admin_auth(args, settings)
+        store = _open_store(args, settings)
     except ConfigError as exc:
         print(f"kvfabric serve: {exc}", file=sys.stderr)
         return 2
     try:
-        config = _server_config(args, store)
-        _run_loop(_serve(store, config))
+        config = _server_config(args, store, settings)
+        _run_loop(_serve(store, config, settings, admin_port))
     except ConfigError as exc:
         print(f"kvfabric serve: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Protocol
@@ -78,6 +79,15 @@ class FabricStore(Protocol):
     def tiers(self) -> list[TierId]: ...
 
 
+class LatencyObserver(Protocol):
+    """Receives per-request latencies (``kvfabric.api.metrics.Metrics`` is one); the server never imports
+    prometheus. ``tier`` is where the request was served: ``ram``, ``lower`` (a tier below RAM), or ``miss``."""
+
+    def observe_get(self, tier: str, seconds: float) -> None: ...
+
+    def observe_put(self, tier: str, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -133,11 +143,12 @@ def _error_code(exc: BaseException) -> str:
 class FabricServer:
     """Serves ``store`` on ``config.host:config.port``; ``start()`` binds, ``close()`` stops and releases leases."""
 
-    def __init__(self, store: FabricStore, config: ServerConfig) -> None:
+    def __init__(self, store: FabricStore, config: ServerConfig, *, observer: LatencyObserver | None = None) -> None:
         if not config.server_secret:
             raise ValueError("ServerConfig.server_secret must be set (see auth.load_or_create_secret)")
         self.store = store
         self.config = config
+        self.observer = observer
         self.auth = Authenticator(config.server_secret, config.tokens)
         self.counters = ServerCounters()
         self.arena: shm.ArenaMap | None = None
@@ -397,19 +408,33 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _put(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
         """A RAM-only store: the put is one copy into the arena, which would hold the GIL in a thread as well."""
+        started = time.perf_counter()
         try:
             blocks = self._blocks(frame, bufs)
             self.store.put_many(blocks)
         except Exception as exc:
             self._send_error(frame.request_id, exc)
             return
+        self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
     async def _put_below(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
         """Lower tiers write (disk, network) in a thread."""
+        started = time.perf_counter()
         blocks = self._blocks(frame, bufs)
         await asyncio.to_thread(self.store.put_many, blocks)
+        self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
+
+    def _observe_put(self, started: float) -> None:
+        if self.server.observer is not None:
+            self.server.observer.observe_put("ram", time.perf_counter() - started)  # every put lands in RAM first
+
+    def _observe_get(self, started: float, found: bool, below: bool) -> None:
+        """A GET or LEASE answered: from a tier below RAM (any block), from RAM, or nothing found."""
+        if self.server.observer is not None:
+            tier = "lower" if below else "ram" if found else "miss"
+            self.server.observer.observe_get(tier, time.perf_counter() - started)
 
     def _acquire_in_ram(
         self, request_id: int, keys: Sequence[BlockKey], limit: int | None = None
@@ -435,17 +460,20 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _get(self, frame: fr.Get) -> None:
         """RAM hits are answered right here, from the arena; anything else goes to a thread (lower tiers)."""
+        started = time.perf_counter()
         keys = self._key_list(frame.model, frame.hashes)
         leases = self._acquire_in_ram(frame.request_id, keys)
         if leases is None:
             return
         final = self.server.arena is not None and not self.server.has_lower_tiers  # a RAM miss is a miss
         if final or all(lease is not None for lease in leases):
-            self._reply_get(frame, leases, {})
+            self._reply_get(frame, leases, {}, started, below=False)
         else:
-            self._spawn(frame.request_id, self._get_below(frame, keys, leases))
+            self._spawn(frame.request_id, self._get_below(frame, keys, leases, started))
 
-    async def _get_below(self, frame: fr.Get, keys: list[BlockKey], leases: list[StoreLease | None]) -> None:
+    async def _get_below(
+        self, frame: fr.Get, keys: list[BlockKey], leases: list[StoreLease | None], started: float
+    ) -> None:
         missing = [i for i, lease in enumerate(leases) if lease is None]
         arena = self.server.arena
         store = self.store
@@ -470,9 +498,11 @@ class _Connection(asyncio.BufferedProtocol):
                 blocks[i] = item
             else:
                 leases[i] = item
-        self._reply_get(frame, leases, blocks)
+        self._reply_get(frame, leases, blocks, started, below=any(item is not None for item in found))
 
-    def _reply_get(self, frame: fr.Get, leases: list[StoreLease | None], blocks: dict[int, Block]) -> None:
+    def _reply_get(
+        self, frame: fr.Get, leases: list[StoreLease | None], blocks: dict[int, Block], started: float, below: bool
+    ) -> None:
         """Send the BLOCKS reply: leased blocks from the arena (released once sent), others from their copies."""
         held = [lease for lease in leases if lease is not None]
         try:
@@ -499,6 +529,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.store.release(lease)
             self._send_error(frame.request_id, exc)
             return
+        self._observe_get(started, found=bool(views), below=below)
         self._send(fr.encode_blocks(frame.request_id, metas, chunks), views, held)
 
     async def _key_request(self, frame: fr.KeyRequest) -> None:
@@ -529,19 +560,21 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _lease(self, frame: fr.LeaseRequest) -> None:
         """Leases for a shm / NIXL client: RAM hits inline; misses promoted (or found below) in a thread."""
+        started = time.perf_counter()
         keys = self._key_list(frame.model, frame.hashes)
         room = self.server.config.max_leases_per_connection - len(self._client_leases)
         leases = self._acquire_in_ram(frame.request_id, keys, max(0, room))
         if leases is None:
             return
         if all(lease is not None for lease in leases):
-            self._reply_leases(frame, leases, {})
+            self._reply_leases(frame, leases, {}, started, below=False)
         else:
-            self._spawn(frame.request_id, self._lease_below(frame, keys, leases, room))
+            self._spawn(frame.request_id, self._lease_below(frame, keys, leases, room, started))
 
     async def _lease_below(
-        self, frame: fr.LeaseRequest, keys: list[BlockKey], leases: list[StoreLease | None], room: int
-    ) -> None:
+        self, frame: fr.LeaseRequest, keys: list[BlockKey], leases: list[StoreLease | None], room: int,
+        started: float,
+    ) -> None:  # fmt: skip
         missing = [i for i, lease in enumerate(leases) if lease is None]
         room -= len(leases) - len(missing)
         store = self.store
@@ -571,11 +604,12 @@ class _Connection(asyncio.BufferedProtocol):
                 elsewhere[i] = item
             else:
                 leases[i] = item
-        self._reply_leases(frame, leases, elsewhere)
+        self._reply_leases(frame, leases, elsewhere, started, below=any(item is not None for item in found))
 
     def _reply_leases(
-        self, frame: fr.LeaseRequest, leases: list[StoreLease | None], elsewhere: dict[int, BlockMeta]
-    ) -> None:
+        self, frame: fr.LeaseRequest, leases: list[StoreLease | None], elsewhere: dict[int, BlockMeta],
+        started: float, below: bool,
+    ) -> None:  # fmt: skip
         if self.closed:  # the client went away meanwhile; connection_lost has run
             for lease in leases:
                 if lease is not None:
@@ -593,6 +627,7 @@ class _Connection(asyncio.BufferedProtocol):
                 entries.append(fr.Elsewhere(_wire(meta)))
             else:
                 entries.append(None)
+        self._observe_get(started, found=any(e is not None for e in entries), below=below)  # same-host reads
         self._send(fr.encode_leases(frame.request_id, entries))
 
     # --- frames out ----------------------------------------------------------------------------------------------

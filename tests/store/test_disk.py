@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kvfabric.errors import InvalidBlockError, StoreError
+from kvfabric.ids import Namespace
 from kvfabric.record import Block, decode_record
 from kvfabric.store.disk import DiskTier, SegmentEntry
 from kvfabric.store.tier import Tier
@@ -157,3 +158,13 @@ def test_bad_configuration_is_refused(tmp_path: Path) -> None:
         DiskTier(tmp_path / "x", fsync="sometimes")
     with pytest.raises(ValueError, match="codec"):
         DiskTier(tmp_path / "y", codec="lz4")
+
+
+def test_iter_created_ms_reads_ages_from_the_index(tmp_path: Path) -> None:
+    a = make_chain(3, namespace="tenant-a")
+    b = make_chain(2, namespace="tenant-b", seed=1)
+    with DiskTier(tmp_path) as t:
+        t.put_many(a + b)
+        got = {k: (ms, n) for k, ms, n in t.iter_created_ms()}
+        assert got == {x.key: (x.meta.created_ms, x.meta.nbytes) for x in a + b}
+        assert {k for k, _, _ in t.iter_created_ms(Namespace("tenant-b"))} == {x.key for x in b}

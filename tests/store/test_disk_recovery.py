@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from rocksdict import AccessType, Options, Rdict
 
 from kvfabric.record import Block, encode_record
 from kvfabric.store.disk import DiskTier
@@ -218,17 +222,44 @@ def test_delete_is_durable_across_a_crash(tmp_path: Path, fsync: str) -> None:
         assert t.stats().blocks == 6
 
 
-def test_delete_is_durable_when_the_index_tail_is_rewound(tmp_path: Path) -> None:
-    """The delete moved the high-water mark past the deleted record, so a rescan cannot bring it back."""
+def test_delete_moves_the_high_water_mark_past_the_deleted_record(tmp_path: Path) -> None:
+    """Recovery rescans from the mark; a delete must leave it past every record of the key, durably, before it
+    returns (checked through a read-only view of the live index, with the tier still open)."""
     chain = make_chain(3)
     with open_tier(tmp_path) as t:
         t.put_many(chain)
+        (last,) = [e for e in t.segment_entries(last_segment(t)) if e.key == chain[2].key]
         t.delete(chain[2].key)
-        seg_id = int(last_segment(t).stem)
-    index = BlockIndex(tmp_path / "index")
-    hwm = index.hwm()
-    index.close()
-    assert hwm is not None and hwm.segment == seg_id
-    with open_tier(tmp_path) as t:
-        assert t.get(chain[2].key) is None
-        assert t.recovery.reindexed == 0
+        view = Rdict(str(tmp_path / "index"), Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            hwm = Position(*struct.unpack("<IQ", view[b"mhwm"]))
+        finally:
+            view.close()
+        assert hwm >= Position(int(last_segment(t).stem), last.offset + last.record_len)
+
+
+def test_delete_waits_for_older_writes_still_in_flight(tmp_path: Path) -> None:
+    """A record of the key sits after a write that is still waiting for its group commit; the delete may only
+    return once that write is done, or the mark it leaves behind would let recovery rescan (and resurrect) it."""
+    chain = make_chain(10)
+    k = chain[0]
+    with open_tier(tmp_path, fsync="group", group_commit_ms=1500, segment_bytes=32 << 10) as t:
+        t.put_many(chain[:5])  # k shares the first segment with 3 others...
+        t.delete_many([b.key for b in chain[1:4]])  # ... that are deleted: compaction will move k
+        t.put(chain[5])  # a sync starts now: the next group waits out the 1.5 s window
+        a_done = threading.Event()
+
+        def put_a() -> None:
+            t.put(chain[6])
+            a_done.set()
+
+        writer = threading.Thread(target=put_a)
+        writer.start()
+        while not t._pending:
+            time.sleep(0.001)
+        assert t.compact(0.5).blocks_moved >= 1  # k's copy lands after A's slot and is indexed (always synced)
+        assert not a_done.is_set()
+        assert t.delete(k.key)
+        assert a_done.is_set()  # the delete waited for A
+        writer.join()
+        assert t.get(k.key) is None and same(t.get(chain[6].key), chain[6])

@@ -3,7 +3,10 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -55,6 +58,28 @@ def test_arena_shm_file_is_private_and_unlinked_on_close() -> None:
     other.close()
     assert not os.path.exists(path)
     arena.close()  # idempotent
+
+
+def test_arena_of_a_dead_process_is_swept_and_a_live_one_is_not(tmp_path: Path) -> None:
+    child = (
+        "import os, sys\n"
+        "from kvfabric.store.arena import Arena\n"
+        f"a = Arena(1 << 20, shm_dir={str(tmp_path)!r})\n"
+        "print(a.path, flush=True)\n"
+        "os._exit(0)\n"  # dies holding its arena: no close, no unlink
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+    stale = Path(out.stdout.strip())
+    live = Arena(1 << 16, shm_dir=tmp_path)
+    assert not stale.exists()  # the new arena removed what nobody holds any more
+    assert live.path is not None and os.path.exists(live.path)
+    again = Arena(1 << 16, shm_dir=tmp_path)
+    assert os.path.exists(live.path)  # locked by a live arena: left alone
+    assert sorted(os.listdir(tmp_path)) == sorted([Path(live.path).name, Path(again.path).name])  # type: ignore[arg-type]
+    live.close()
+    again.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_arena_anonymous() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from kvfabric.errors import TierUnavailableError
+from kvfabric.errors import BlockTooLargeError, TierUnavailableError
 from kvfabric.store.object import ObjectTier
 from kvfabric.store.object.tier import ALIGN
 from tests.blocks import make_chain
@@ -130,3 +130,12 @@ def test_uploader_thread_drains_after_an_outage(own_server: SeaweedFS) -> None:
     tier.close()
     with open_tier(own_server, config) as fresh:
         assert set(fresh.keys()) == {b.key for b in first + second}
+
+
+def test_block_larger_than_the_backlog_is_bad_input(s3_server: SeaweedFS) -> None:
+    config = object_config(s3_server, s3_server.create_bucket(), segment_bytes=ALIGN, backlog_bytes=ALIGN)
+    with open_tier(s3_server, config) as tier:
+        block = make_chain(1, seed=56)[0]  # 4 KiB payload + header > 4 KiB
+        with pytest.raises(BlockTooLargeError):
+            tier.put(block)
+        assert not tier.contains(block.key) and tier.object_stats().backlog_bytes == 0

@@ -431,3 +431,25 @@ def test_threads_share_a_store_safely() -> None:
             assert got is not None and bytes(got.payload) == b.payload
     assert store.namespace_stats()[Namespace("tenant-a")].blocks == 48
     store.close()
+
+
+def test_namespace_policy_changes_at_runtime() -> None:
+    clock = Clock()
+    store, _ = build(clock=clock)
+    a = make_block()
+    store.put(a)
+    clock.advance(60)
+    assert store.get(a.key) is not None  # no TTL yet
+    store.set_namespace_policy(Namespace("tenant-a"), NamespacePolicy(ttl_s=30))
+    assert store.get(a.key) is None
+    store.set_namespace_policy(Namespace("tenant-a"), NamespacePolicy(quota_bytes=BLOCK))
+    b, c = make_chain(2, seed=3)
+    store.put(b)
+    store.put(c)  # the quota now holds one block: b goes
+    assert store.keys(Namespace("tenant-a")) == [c.key]
+    store.set_namespace_policy(Namespace("tenant-a"), None)
+    store.put_many(make_chain(3, seed=4))
+    assert store.namespace_stats()[Namespace("tenant-a")].blocks == 4  # back to unlimited
+    assert store.tier_capabilities()[TierId("ram")].evicts
+    assert store.upload_backlog_bytes() == 0
+    store.close()

@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
@@ -34,9 +34,9 @@ _ENTRY = struct.Struct("<IQHQQQ")
 _POS = struct.Struct("<IQ")
 
 
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    """Where one block's record lives and what it should read back as."""
+class IndexEntry(NamedTuple):
+    """Where one block's record lives and what it should read back as (a NamedTuple: built on every read, and a
+    tuple is the cheapest immutable record to build)."""
 
     segment: int
     offset: int
@@ -75,11 +75,11 @@ class IndexEntry:
     def unpack(cls, value: bytes) -> IndexEntry:
         if len(value) < _ENTRY.size:
             raise ValueError(f"index entry of {len(value)} bytes is shorter than {_ENTRY.size}")
-        seg, off, hlen, plen, crc, created = _ENTRY.unpack_from(value)
+        fixed = _ENTRY.unpack_from(value)
         header = value[_ENTRY.size :]
-        if len(header) != hlen:
-            raise ValueError(f"index entry header is {len(header)} bytes, entry says {hlen}")
-        return cls(seg, off, hlen, plen, crc, created, header)
+        if len(header) != fixed[2]:
+            raise ValueError(f"index entry header is {len(header)} bytes, entry says {fixed[2]}")
+        return cls(*fixed, header)
 
 
 def block_db_key(key_bytes: bytes) -> bytes:
@@ -120,8 +120,10 @@ class BlockIndex:
             raise StoreError(f"RocksDB index at {path} has format {fmt!r}, this build reads {INDEX_FORMAT!r}")
 
     def get(self, key_bytes: bytes) -> IndexEntry | None:
-        with _rocksdb("get", self.path):
+        try:  # no context manager here: this is on every read's path
             value = self._db.get(_BLOCK + key_bytes)
+        except Exception as exc:
+            raise StoreError(f"RocksDB index at {self.path}: get failed: {exc}") from exc
         return None if value is None else IndexEntry.unpack(value)
 
     def write(
@@ -156,6 +158,11 @@ class BlockIndex:
     def entries(self) -> Iterator[tuple[bytes, IndexEntry]]:
         """Every (key bytes, entry), in key order."""
         for kb, value in self._iter_prefix(_BLOCK):
+            yield kb, IndexEntry.unpack(value)
+
+    def entries_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, IndexEntry]]:
+        """(key bytes, entry) of every block whose key starts with ``prefix``, in key order."""
+        for kb, value in self._iter_prefix(_BLOCK + prefix):
             yield kb, IndexEntry.unpack(value)
 
     def keys(self, prefix: bytes = b"") -> Iterator[bytes]:

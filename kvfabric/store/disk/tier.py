@@ -13,6 +13,7 @@ state and is held only briefly. fdatasync and reads run outside both.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -22,10 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from kvfabric.codec import Codec, decode_payload
-from kvfabric.errors import InvalidBlockError, KVFabricError, RecordError, StoreError, TierFullError
+from kvfabric.errors import (
+    InvalidBlockError,
+    KVFabricError,
+    MalformedRecordError,
+    RecordError,
+    StoreError,
+    TierFullError,
+)
 from kvfabric.events import EventSink
 from kvfabric.ids import BlockKey, Namespace, TierId
-from kvfabric.record import Block, BlockMeta, checksum, decode_header, encode_record
+from kvfabric.record import Block, BlockMeta, RecordHeader, checksum, decode_header, encode_record
 from kvfabric.store.disk.compaction import COPY_BATCH_BYTES, CompactionResult, select_segments
 from kvfabric.store.disk.durability import FsyncPolicy, GroupCommitter, SyncGroup
 from kvfabric.store.disk.index import BlockIndex, IndexEntry
@@ -45,9 +53,19 @@ from kvfabric.store.disk.segment import (
 from kvfabric.store.tier import Tier, TierCapabilities
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
+HEADER_CACHE_ENTRIES = 16384
+"""Decoded record headers kept per tier (keyed by the exact header bytes), so a hot read skips the parse."""
 DISK = TierId("disk")
 _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _namespace_prefix(namespace: Namespace | None) -> bytes:
+    """The leading bytes of ``BlockKey.to_bytes()`` shared by every key of ``namespace`` (all keys for None)."""
+    if namespace is None:
+        return b""
+    ns = namespace.encode()
+    return bytes([len(ns)]) + ns
 
 
 @dataclass(slots=True)
@@ -100,8 +118,11 @@ class DiskTier(Tier):
         self.codec = Codec.parse(codec)
         self.on_segment_sealed = on_segment_sealed
         self._segment_dir = self.path / "segments"
-        self._segment_dir.mkdir(parents=True, exist_ok=True)
+        if not self._segment_dir.is_dir():
+            self._segment_dir.mkdir(parents=True)
+            fsync_dir(self.path)
         self._committer = GroupCommitter(group_commit_ms / 1000.0)
+        self._parse_header = functools.lru_cache(maxsize=HEADER_CACHE_ENTRIES)(decode_header)
         self._append_lock = threading.Lock()
         self._compact_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
@@ -156,20 +177,27 @@ class DiskTier(Tier):
         entry, seg = found
         header = bytearray(entry.header_len)
         payload = np.empty(entry.payload_len, dtype=np.uint8)
+        ok = in_place = False
         try:
+            head = self._own_header(entry, kb)
             ok = self._read_verified(seg, entry, memoryview(header), memoryview(payload))
+            in_place = head.codec == Codec.RAW
+        except RecordError:
+            pass
         finally:
-            self._release(seg)
+            self._release(seg, entry.record_len, hit=ok and in_place)
         if not ok:
             self._drop_corrupt(kb, entry)
             return None
+        if in_place:
+            return Block(head.meta, memoryview(payload))
         try:
-            head = decode_header(entry.header)
             raw = decode_payload(head.codec, memoryview(payload), head.raw_len, head.meta.dtype.itemsize)
         except RecordError:
             self._drop_corrupt(kb, entry)
             return None
-        self._count_hit()
+        with self._cond:
+            self._stats.hits += 1
         return Block(head.meta, raw if isinstance(raw, bytes) else memoryview(raw))
 
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
@@ -181,9 +209,10 @@ class DiskTier(Tier):
         if found is None:
             return None
         entry, seg = found
+        ok = False
         try:
             try:
-                head = decode_header(entry.header)
+                head = self._own_header(entry, kb)
             except RecordError:
                 head = None
             if head is not None and len(dst) != head.meta.nbytes:
@@ -191,7 +220,7 @@ class DiskTier(Tier):
             in_place = head is not None and head.codec == Codec.RAW
             ok = in_place and self._read_verified(seg, entry, memoryview(bytearray(entry.header_len)), dst)
         finally:
-            self._release(seg)
+            self._release(seg, entry.record_len if ok else 0, hit=ok)
         if head is not None and not in_place:  # compressed: decode through a temporary, then copy
             block = self.get(key)
             if block is None:
@@ -201,7 +230,6 @@ class DiskTier(Tier):
         if not ok or head is None:
             self._drop_corrupt(kb, entry)
             return None
-        self._count_hit()
         return head.meta
 
     def head(self, key: BlockKey) -> BlockMeta | None:
@@ -212,7 +240,7 @@ class DiskTier(Tier):
         if entry is None:
             return None
         try:
-            return entry.meta()
+            return self._own_header(entry, kb).meta
         except RecordError:
             self._drop_corrupt(kb, entry)
             return None
@@ -256,12 +284,16 @@ class DiskTier(Tier):
     def keys(self, namespace: Namespace | None = None) -> Iterator[BlockKey]:
         with self._cond:
             self._check_open()
-        prefix = b""
-        if namespace is not None:
-            ns = namespace.encode()
-            prefix = bytes([len(ns)]) + ns
-        for kb in self._index.keys(prefix):
+        for kb in self._index.keys(_namespace_prefix(namespace)):
             yield BlockKey.from_bytes(kb)
+
+    def iter_created_ms(self, namespace: Namespace | None = None) -> Iterator[tuple[BlockKey, int, int]]:
+        """``(key, created_ms, stored bytes)`` of every block, from the index alone (no header parse, no disk
+        read): what oldest-first eviction and TTL sweeps need, in one pass."""
+        with self._cond:
+            self._check_open()
+        for kb, entry in self._index.entries_with_prefix(_namespace_prefix(namespace)):
+            yield BlockKey.from_bytes(kb), entry.created_ms, entry.payload_len
 
     def close(self) -> None:
         with self._cond:
@@ -419,6 +451,9 @@ class DiskTier(Tier):
             except OSError as exc:
                 self._abort_append(seg, pos, span)
                 raise self._io_error(exc, f"writing {rec_len} bytes to {seg.path}") from exc
+            except BaseException:
+                self._abort_append(seg, pos, span)
+                raise
             group = self._committer.join(seg) if self.fsync_policy is FsyncPolicy.GROUP else None
         if sealed is not None:
             self._announce(sealed)
@@ -477,6 +512,9 @@ class DiskTier(Tier):
         except OSError as exc:
             self._abandon(slots)
             raise self._io_error(exc, "fdatasync of segment") from exc
+        except BaseException:
+            self._abandon(slots)
+            raise
 
     def _abandon(self, slots: list[_Slot]) -> None:
         ready = []
@@ -607,14 +645,25 @@ class DiskTier(Tier):
             self._reads += 1
             return entry, seg
 
-    def _release(self, seg: Segment) -> None:
+    def _release(self, seg: Segment, read_bytes: int = 0, *, hit: bool = False) -> None:
+        """Unpin ``seg`` after a read (closing a retired segment's fd with its last reader) and count the read."""
         with self._cond:
             seg.readers -= 1
             self._reads -= 1
+            self._stats.bytes_read += read_bytes
+            self._stats.hits += hit
             if seg.retired and seg.readers == 0 and seg.fd >= 0:
                 os.close(seg.fd)
                 seg.fd = -1
-            self._cond.notify_all()
+            if self._closing:
+                self._cond.notify_all()  # close() waits for reads to drain
+
+    def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
+        """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
+        head = self._parse_header(entry.header)
+        if head.meta.key.to_bytes() != kb:
+            raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
+        return head
 
     def _read_verified(self, seg: Segment, entry: IndexEntry, header: memoryview, payload: memoryview) -> bool:
         """preadv the record into ``header`` and ``payload``; true only if the header bytes equal the index's copy
@@ -623,13 +672,7 @@ class DiskTier(Tier):
             complete = read_into(seg.fd, entry.offset, [header, payload])
         except OSError as exc:
             raise StoreError(f"disk tier at {self.path}: reading {seg.path} at {entry.offset}: {exc}") from exc
-        with self._cond:
-            self._stats.bytes_read += entry.record_len
         return complete and header == entry.header and checksum(payload) == entry.checksum
-
-    def _count_hit(self) -> None:
-        with self._cond:
-            self._stats.hits += 1
 
     def _drop_corrupt(self, kb: bytes, entry: IndexEntry) -> None:
         """A record failed verification: never serve it, count it, forget it, announce it."""

@@ -26,6 +26,7 @@ from typing import Protocol
 import boto3
 
 from kvfabric.errors import (
+    BlockTooLargeError,
     MalformedRecordError,
     RecordError,
     StoreError,
@@ -243,22 +244,22 @@ class ObjectTier(Tier):
         """Append each block to the open segment; with ``durable_put``, return only once all are committed."""
         stored: list[BlockMeta] = []
         segments: set[str] = set()
-        sealed = False
         try:
             for block in blocks:
                 header, payload = encode_record(block, self.config.codec)  # compression outside the lock
                 parsed = decode_header(header)
                 with self._lock:
                     self._check_open()
+                    waiting = len(self._backlog)
                     segments.add(self._append_locked(block.meta, header, payload, parsed.payload_checksum))
-                    sealed |= len(self._backlog) > 0
+                    sealed = len(self._backlog) > waiting
                 stored.append(block.meta)
+                if sealed and not self.config.durable_put:
+                    self._kick_uploads()
         finally:
             for meta in stored:
                 self._emit_stored(meta)
-        if not stored:
-            return
-        if self.config.durable_put:
+        if stored and self.config.durable_put:
             with self._lock:
                 self._seal_locked()
             self._drain()
@@ -269,8 +270,6 @@ class ObjectTier(Tier):
                     f"object tier: {len(stored)} block(s) queued for upload but not yet durable in "
                     f"s3://{self.config.bucket}/{self.config.prefix} ({self._store.endpoint} unreachable)"
                 )
-        elif sealed:
-            self._kick_uploads()
 
     def _append_locked(self, meta: BlockMeta, header: bytes, payload: bytes | memoryview, checksum: int) -> str:
         record_len = len(header) + len(payload)
@@ -279,6 +278,8 @@ class ObjectTier(Tier):
             self._seal_locked()
             seg = None
         open_bytes = _aligned(seg.nbytes) if seg is not None else 0
+        if record_len > self.config.backlog_bytes:
+            raise BlockTooLargeError(record_len, self.config.backlog_bytes)
         if self._backlog.nbytes + open_bytes + record_len > self.config.backlog_bytes:
             self._ostats.rejected_puts += 1
             raise TierUnavailableError(
@@ -723,7 +724,11 @@ class ObjectTier(Tier):
                     self._work.wait(min(waits) if waits else None)
                 if self._stopping:
                     return
-            self._drain()
+            try:
+                self._drain()
+            except Exception:  # a bug must not silently end uploads: log it, back off, keep going
+                log.exception("object tier: uploader failed; retrying after a backoff")
+                self._note_failure()
 
     # --- rebuild ---------------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:

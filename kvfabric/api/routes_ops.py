@@ -1,0 +1,57 @@
+"""Node maintenance: tier configuration, eviction and compaction triggers (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.encoders import jsonable_encoder
+
+from kvfabric.api.auth import Principal, require
+from kvfabric.api.context import AdminContext, get_context
+from kvfabric.api.schemas import Compacted, ErrorBody, Evicted, EvictIn, TierConfigOut, TiersOut
+from kvfabric.codec import Codec
+from kvfabric.ids import TierId
+
+router = APIRouter(prefix="/v1", tags=["operations"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
+Ctx = Annotated[AdminContext, Depends(get_context)]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+@router.get("/tiers", response_model=TiersOut, summary="Tier configuration: capacity, persistence, codec, policy")
+def tiers(ctx: Ctx, _: Annotated[Principal, Depends(require("read"))]) -> TiersOut:
+    config = ctx.store.config
+    stats = ctx.store.tier_stats()
+    nearest = ctx.store.tiers[0]  # RAM: every put lands there first
+    out = []
+    for tier, caps in ctx.store.tier_capabilities().items():
+        if caps.shared and config.object is not None:
+            codec = Codec.parse(config.object.codec)
+        elif caps.persistent:
+            codec = Codec.parse(config.disk_codec)
+        else:
+            codec = Codec.RAW
+        out.append(
+            TierConfigOut(
+                tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
+                codec=codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
+            )
+        )  # fmt: skip
+    return TiersOut(tiers=out)
+
+
+@router.post(
+    "/evict",
+    response_model=Evicted,
+    responses={400: {"model": ErrorBody, "description": "unparseable body"}, 404: {"model": ErrorBody}},
+    summary="Evict bytes from a tier now (demoting what lower tiers lack; pinned blocks stay)",
+)
+def evict(body: EvictIn, ctx: Ctx, _: Admin) -> Evicted:
+    if body.tier not in ctx.store.tiers:
+        raise HTTPException(404, f"no tier '{body.tier}' on this node; tiers: {', '.join(ctx.store.tiers)}")
+    return Evicted(tier=body.tier, evicted_bytes=ctx.store.evict(TierId(body.tier), body.bytes))
+
+
+@router.post("/compact", response_model=Compacted, summary="Compact the tiers that can (the disk tier) now")
+def compact(ctx: Ctx, _: Admin) -> Compacted:
+    return Compacted(result=jsonable_encoder(ctx.store.compact()))

@@ -1,0 +1,223 @@
+"""Request and response bodies of the admin API (these are what the OpenAPI spec publishes)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from kvfabric.config import parse_size
+
+HEX64 = r"^[0-9a-fA-F]{64}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    detail: str
+
+
+class TierOut(BaseModel):
+    tier: str
+    blocks: int
+    bytes: int
+    capacity_bytes: int | None
+    occupancy: float | None = Field(description="bytes / capacity_bytes, 0..1")
+    hits: int
+    misses: int
+    hit_rate: float | None = Field(description="hits / (hits + misses) since start; null before any read")
+    corrupt: int
+    puts: int
+    deletes: int
+    evictions: int
+    bytes_read: int
+    bytes_written: int
+    read_bytes_per_s: float = Field(description="over the last sampling interval")
+    write_bytes_per_s: float = Field(description="over the last sampling interval")
+
+
+class ModelUsageOut(BaseModel):
+    fingerprint: str
+    model: str | None
+    blocks: int
+    bytes: int
+
+
+class NamespacePolicyOut(BaseModel):
+    ttl_s: float | None
+    quota_bytes: int | None
+
+
+class NamespaceOut(BaseModel):
+    namespace: str
+    blocks: int
+    bytes: int
+    policy: NamespacePolicyOut
+    models: list[ModelUsageOut]
+
+
+class Totals(BaseModel):
+    blocks: int
+    bytes: int
+    hit_rate: float | None
+
+
+class StoreCountersOut(BaseModel):
+    promotions: int
+    promotions_refused: int
+    demotions: int
+    expired: int
+    quota_evictions: int
+    writeback_dropped: int
+    flush_errors: int
+    unavailable: int
+    writeback_pending: dict[str, int] = Field(description="blocks waiting per write-back tier")
+
+
+class StatsOut(BaseModel):
+    node_id: str
+    version: str
+    time: float
+    uptime_s: float
+    tiers: list[TierOut]
+    totals: Totals
+    namespaces: list[NamespaceOut]
+    upload_backlog_bytes: int
+    store: StoreCountersOut
+
+
+class TierRatesOut(BaseModel):
+    tier: str
+    bytes: int
+    capacity_bytes: int | None
+    hits: int
+    misses: int
+    hit_rate: float | None
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+
+
+class HistoryPointOut(BaseModel):
+    time: float
+    interval_s: float
+    tiers: list[TierRatesOut]
+    hit_rate: float | None
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    upload_backlog_bytes: int
+
+
+class HistoryOut(BaseModel):
+    interval_s: float
+    points: list[HistoryPointOut]
+
+
+class ErrorEntryOut(BaseModel):
+    time: float
+    kind: str
+    message: str
+
+
+class ModelOut(BaseModel):
+    fingerprint: str
+    spec: dict[str, Any]
+    blocks: int
+    bytes: int
+
+
+class BlockOut(BaseModel):
+    namespace: str
+    fingerprint: str
+    prefix: str
+    parent: str
+    dtype: str
+    shape: list[int]
+    token_count: int
+    nbytes: int
+    created_ms: int
+    tier: str
+    pinned: bool
+
+
+class Deleted(BaseModel):
+    deleted: int = Field(description="blocks removed")
+
+
+class Pinned(BaseModel):
+    pinned: bool
+
+
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$"
+"""Size strings ``parse_size`` accepts: ``"4096"``, ``"64GiB"``, ``"1.5 GB"``, ``"2k"``."""
+
+
+def _size_schema(minimum: int) -> WithJsonSchema:
+    # Published as what the API really accepts: a byte count, or a size string.
+    return WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": minimum}, {"type": "string", "pattern": SIZE_PATTERN}]
+    })  # fmt: skip
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0), _size_schema(0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0), _size_schema(1)]
+
+
+class PolicyIn(_Body):
+    """Fields left out keep their current value; null removes the limit."""
+
+    ttl_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    quota_bytes: PositiveSize | None = Field(default=None, description="bytes, or a size string such as '10GiB'")
+
+
+class EvictIn(_Body):
+    tier: str = Field(min_length=1, description="tier to evict from, e.g. 'ram'")
+    bytes: Size = Field(description="how many bytes to free (a size string such as '1GiB' works too)")
+
+
+class Evicted(BaseModel):
+    tier: str
+    evicted_bytes: int = Field(description="bytes freed in the tier (pinned blocks are never evicted)")
+
+
+class Compacted(BaseModel):
+    result: dict[str, Any]
+
+
+class TierConfigOut(BaseModel):
+    tier: str
+    capacity_bytes: int | None
+    persistent: bool
+    shared: bool
+    codec: str
+    write_policy: str
+
+
+class TiersOut(BaseModel):
+    tiers: list[TierConfigOut]
+
+
+class ConfigOut(BaseModel):
+    config: dict[str, Any] = Field(description="effective configuration, secrets masked")
+
+
+class BlockPage(BaseModel):
+    blocks: list[BlockOut]
+    next: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class PinOut(BaseModel):
+    namespace: str
+    fingerprint: str
+    prefix: str
+    stored: bool = Field(description="the block is stored now (a pin may be recorded before its block arrives)")

@@ -1,0 +1,429 @@
+"""The prefix index: which locations hold which blocks, answering "how deep does each location match this chain".
+
+A plain synchronous data structure: no locks, no awaits, owned by one task (see ``kvfabric/index/service.py``).
+
+Layout, chosen for Python speed (``docs/router.md`` has the numbers):
+
+- A *location* is one ``(source, medium)`` pair: an engine's GPU cache, a fabric node's RAM tier. Each live location
+  owns one bit number.
+- Blocks are partitioned by *scope* ``(namespace, model fingerprint)``; within a scope a dict maps each prefix hash to
+  an ``int`` bitmask of the locations holding it. Storing a block is one ``dict.get`` plus one store; a chain lookup is
+  one ``dict.get`` and one ``&`` per block.
+- A source's depth is over the union of its media (a node serves a block from RAM or disk alike).
+- Removing a location (an engine is gone) is O(1): its bit leaves the live mask, so no query sees it again. The bit's
+  stale marks are swept by :meth:`PrefixIndex.compact`, which the owner runs when convenient; until then the bit
+  number is not reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, compress
+from operator import and_, ne
+
+from kvfabric.events import AllCleared, BlockRemoved, BlockStored, KVEvent
+from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
+
+Scope = tuple[Namespace, ModelFingerprint]
+"""Blocks of different namespaces or models never match each other."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """One place blocks live: a source (engine or fabric node) and a medium (``gpu``, ``ram``, ``disk``, ...)."""
+
+    source: str
+    medium: TierId
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMatch:
+    """How far a chain matches at one source: ``blocks`` leading blocks over all its media, and per medium."""
+
+    source: str
+    blocks: int
+    media: tuple[tuple[TierId, int], ...]
+    """``(medium, leading blocks held in that medium)``, deepest first; media with no leading block are left out."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainWalk:
+    """Result of :meth:`PrefixIndex.walk`: the raw material of a routing decision."""
+
+    depths: dict[str, int]
+    """Leading blocks held by each source (union of its media); sources matching nothing are absent."""
+    tiers: list[int]
+    """For each position walked, the index in ``tier_masks`` of the first mask holding the block, or -1."""
+    probed: int
+    """Hashes looked up (the walk stops once nothing can extend any match)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStats:
+    scopes: int
+    blocks: int
+    """Distinct (scope, hash) entries."""
+    locations: dict[Location, int]
+    """Blocks held per live location."""
+    retired_bits: int
+    """Bits of removed locations whose marks await :meth:`PrefixIndex.compact`."""
+
+
+class PrefixIndex:
+    """Applies KV events and answers chain lookups. Not thread-safe by design: one owner calls it."""
+
+    __slots__ = (
+        "_bits",
+        "_bitval",
+        "_counts",
+        "_epoch",
+        "_free",
+        "_groups",
+        "_live",
+        "_locations",
+        "_retired",
+        "_scopes",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self._scopes: dict[Scope, dict[bytes, int]] = {}
+        self._bits: dict[tuple[str, str], int] = {}  # live (source, medium) -> bit number
+        self._locations: list[Location | None] = []  # bit number -> live location, None when retired or free
+        self._counts: list[int] = []  # bit number -> blocks marked (live bits only)
+        self._bitval: list[int] = []  # bit number -> 1 << bit, one shared int object: a block held by one location
+        # points at it instead of owning a copy (a 1,000-bit int is ~160 bytes; 10M blocks would pay that each)
+        self._live = 0  # mask of live bits
+        self._retired = 0  # mask of removed bits still marked somewhere
+        self._free: list[int] = []  # swept bit numbers ready for reuse
+        self._groups: list[int] = []  # masks of sources with more than one live medium
+        self._epoch = 0  # bumped whenever the set of locations changes (callers cache masks by it)
+
+    # --- locations -------------------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Changes whenever a location is added or removed; masks from :meth:`mask_of` are valid within one epoch."""
+        return self._epoch
+
+    def _add_location(self, source: str, medium: str) -> int:
+        if not source or not medium:
+            raise ValueError("event source and medium must be non-empty")
+        bit = self._free.pop() if self._free else len(self._locations)
+        if bit == len(self._locations):
+            self._locations.append(None)
+            self._counts.append(0)
+            self._bitval.append(1 << bit)
+        self._locations[bit] = Location(source, TierId(medium))
+        self._counts[bit] = 0
+        self._bits[(source, medium)] = bit
+        self._live |= 1 << bit
+        self._location_changed()
+        return bit
+
+    def _location_changed(self) -> None:
+        self._epoch += 1
+        by_source: dict[str, int] = {}
+        multi: set[str] = set()
+        for (source, _), bit in self._bits.items():
+            if source in by_source:
+                multi.add(source)
+            by_source[source] = by_source.get(source, 0) | (1 << bit)
+        self._groups = [by_source[s] for s in sorted(multi)]
+
+    def locations(self) -> list[Location]:
+        return [loc for loc in self._locations if loc is not None]
+
+    def sources(self) -> list[str]:
+        return sorted({loc.source for loc in self.locations()})
+
+    def mask_of(self, *, sources: Iterable[str] | None = None, media: Iterable[str] | None = None) -> int:
+        """Bitmask of the live locations whose source is in ``sources`` and medium in ``media`` (None = any)."""
+        src = None if sources is None else set(sources)
+        med = None if media is None else set(media)
+        mask = 0
+        for (source, medium), bit in self._bits.items():
+            if (src is None or source in src) and (med is None or medium in med):
+                mask |= 1 << bit
+        return mask
+
+    def remove_location(self, source: str, medium: str | None = None) -> int:
+        """Forget everything ``source`` holds (in ``medium``, or in all its media). O(1) per location removed;
+        returns the number of blocks it held."""
+        gone = [key for key in self._bits if key[0] == source and (medium is None or key[1] == medium)]
+        held = 0
+        for key in gone:
+            bit = self._bits.pop(key)
+            held += self._counts[bit]
+            self._counts[bit] = 0
+            self._locations[bit] = None
+            self._live &= ~(1 << bit)
+            self._retired |= 1 << bit
+        if gone:
+            self._location_changed()
+        return held
+
+    def compact(self) -> int:
+        """Sweep the marks of removed locations (O(blocks)) and free their bits for reuse; returns entries dropped."""
+        if not self._retired:
+            return 0
+        live = self._live
+        dropped = 0
+        for table in self._scopes.values():
+            dead = []
+            for h, mask in table.items():
+                if mask & ~live:
+                    if mask & live:
+                        table[h] = mask & live
+                    else:
+                        dead.append(h)
+            for h in dead:
+                del table[h]
+            dropped += len(dead)
+        bits = self._retired
+        while bits:
+            low = bits & -bits
+            self._free.append(low.bit_length() - 1)
+            bits ^= low
+        self._retired = 0
+        for scope in [s for s, t in self._scopes.items() if not t]:
+            del self._scopes[scope]
+        return dropped
+
+    # --- events ----------------------------------------------------------------------------------------------------
+    def apply(self, event: KVEvent) -> None:
+        self.apply_many((event,))
+
+    def apply_many(self, events: Iterable[KVEvent]) -> int:
+        """Apply events in order; returns how many were applied. Per block this is a few dict operations."""
+        bits = self._bits
+        scopes = self._scopes
+        counts = self._counts
+        bitval = self._bitval
+        # Batches mostly come from one publisher about one scope: remember the last lookups, by identity first.
+        last_src: object = None
+        last_med: object = None
+        last_ns: object = None
+        last_model: object = None
+        b = -1
+        table: dict[bytes, int] = {}
+        n = 0
+        for ev in events:
+            kind = type(ev)
+            if kind is BlockStored:
+                src = ev.source
+                med = ev.medium
+                if src is not last_src or med is not last_med:
+                    found = bits.get((src, med))
+                    b = self._add_location(src, med) if found is None else found
+                    last_src, last_med = src, med
+                ns = ev.namespace
+                model = ev.model
+                if ns is not last_ns or model is not last_model:
+                    scope = (ns, model)
+                    table = scopes.get(scope)  # type: ignore[assignment]
+                    if table is None:
+                        table = scopes[scope] = {}
+                    last_ns, last_model = ns, model
+                bit = bitval[b]
+                hashes = ev.hashes
+                if len(hashes) == 1:
+                    h = hashes[0]
+                    old = table.get(h, 0)
+                    if not old:
+                        table[h] = bit
+                        counts[b] += 1
+                    elif not old & bit:
+                        table[h] = old | bit
+                        counts[b] += 1
+                else:
+                    added = 0
+                    get = table.get
+                    for h in hashes:
+                        old = get(h, 0)
+                        if not old:
+                            table[h] = bit
+                            added += 1
+                        elif not old & bit:
+                            table[h] = old | bit
+                            added += 1
+                    counts[b] += added
+            elif kind is BlockRemoved:
+                found = bits.get((ev.source, ev.medium))
+                rtable = scopes.get((ev.namespace, ev.model))
+                if found is not None and rtable is not None:
+                    bit = bitval[found]
+                    removed = 0
+                    get = rtable.get
+                    for h in ev.hashes:
+                        old = get(h, 0)
+                        if old & bit:
+                            if old == bit:
+                                del rtable[h]
+                            else:
+                                rtable[h] = old ^ bit
+                            removed += 1
+                    counts[found] -= removed
+            elif kind is AllCleared:
+                self.remove_location(ev.source, ev.medium)
+                last_src = None  # its bit may be gone
+            else:
+                raise TypeError(f"not a KV event: {kind.__name__}")
+            n += 1
+        return n
+
+    # --- queries ---------------------------------------------------------------------------------------------------
+    def walk(
+        self,
+        namespace: Namespace,
+        model: ModelFingerprint,
+        chain: Sequence[PrefixHash],
+        tier_masks: Sequence[int] = (),
+        *,
+        sources_mask: int | None = None,
+    ) -> ChainWalk:
+        """One pass over ``chain``: the leading depth of every source (of those in ``sources_mask``, default all)
+        and, per position, the first of ``tier_masks`` holding the block. Stops at the first block that neither a
+        still-matching source nor any tier mask holds.
+
+        The chain is fetched in growing chunks and the running AND is taken by ``itertools.accumulate``, so the
+        per-block work is one ``dict.get`` and C-level int operations; Python-level work happens only where a
+        source drops out."""
+        table = self._scopes.get((namespace, model))
+        if table is None or not chain:
+            return ChainWalk({}, [], 0)
+        get = table.get
+        run = self._live if sources_mask is None else self._live & sources_mask
+        groups = [g for g in self._groups if g & run]
+        any_tier = 0
+        for tm in tier_masks:
+            any_tier |= tm
+        masks: list[int] = []
+        dropped_at: list[tuple[int, int]] = []  # (bits that stopped matching, depth they reached)
+        n = len(chain)
+        pos = 0
+        step = 16
+        stop = n  # position of the first block nobody useful holds
+        while pos < n and run:
+            chunk = [get(h, 0) for h in chain[pos : pos + step]]
+            spread = chunk if not groups else [_spread(m, groups) for m in chunk]
+            acc = list(accumulate(spread, and_, initial=run))
+            if acc[-1] != run:
+                for k in compress(range(len(chunk)), map(ne, acc, acc[1:])):
+                    dropped_at.append((acc[k] ^ acc[k + 1], pos + k))
+                run = acc[-1]
+            if run:
+                masks.extend(chunk)
+                pos += len(chunk)
+                step = min(step * 2, 512)
+                continue
+            dead = acc.index(0) - 1  # first block where nothing tracked matches any more
+            for k in range(dead, len(chunk)):  # from there on, only the tiers keep the walk going
+                if not chunk[k] & any_tier:
+                    stop = pos + k
+                    break
+            masks.extend(chunk[:k] if stop < n else chunk)
+            pos += len(chunk)
+        while pos < n and stop == n:
+            chunk = [get(h, 0) for h in chain[pos : pos + step]]
+            for k, m in enumerate(chunk):
+                if not m & any_tier:
+                    stop = pos + k
+                    break
+            masks.extend(chunk if stop == n else chunk[: stop - pos])
+            pos += len(chunk)
+            step = min(step * 2, 512)
+        if run:
+            dropped_at.append((run, n))
+        depths: dict[str, int] = {}
+        locations = self._locations
+        for mask, depth in dropped_at:
+            if not depth:
+                continue
+            while mask:
+                low = mask & -mask
+                loc = locations[low.bit_length() - 1]
+                if loc is not None:
+                    depths[loc.source] = depth
+                mask ^= low
+        return ChainWalk(depths, _first_tier(masks, tier_masks), min(stop + 1, n))
+
+    def match(self, namespace: Namespace, model: ModelFingerprint, chain: Sequence[PrefixHash]) -> list[SourceMatch]:
+        """For each source matching at least one leading block: its depth overall and per medium, deepest first."""
+        table = self._scopes.get((namespace, model))
+        if table is None:
+            return []
+        live = self._live
+        masks: list[int] = []
+        union = live
+        for h in chain:
+            m = table.get(h, 0) & live
+            g = m
+            for grp in self._groups:
+                if m & grp:
+                    g |= grp
+            union &= g
+            if not union:
+                break
+            masks.append(m)
+        per_source: dict[str, list[tuple[TierId, int]]] = {}
+        for (source, medium), bit in self._bits.items():
+            b = 1 << bit
+            depth = 0
+            while depth < len(masks) and masks[depth] & b:
+                depth += 1
+            if depth:
+                per_source.setdefault(source, []).append((TierId(medium), depth))
+        out = []
+        for source, media in per_source.items():
+            group = self.mask_of(sources=(source,))
+            depth = 0
+            while depth < len(masks) and masks[depth] & group:
+                depth += 1
+            out.append(SourceMatch(source, depth, tuple(sorted(media, key=lambda x: (-x[1], x[0])))))
+        out.sort(key=lambda s: (-s.blocks, s.source))
+        return out
+
+    def holders(self, namespace: Namespace, model: ModelFingerprint, h: PrefixHash) -> list[Location]:
+        """Live locations holding one block."""
+        table = self._scopes.get((namespace, model))
+        mask = (table.get(h, 0) if table else 0) & self._live
+        out = []
+        while mask:
+            low = mask & -mask
+            loc = self._locations[low.bit_length() - 1]
+            if loc is not None:
+                out.append(loc)
+            mask ^= low
+        return out
+
+    def stats(self) -> IndexStats:
+        locs = {loc: self._counts[bit] for bit, loc in enumerate(self._locations) if loc is not None}
+        retired = self._retired.bit_count()
+        return IndexStats(len(self._scopes), sum(len(t) for t in self._scopes.values()), locs, retired)
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._scopes.values())
+
+
+def _spread(m: int, groups: list[int]) -> int:
+    """``m`` with every medium of a source set when any of its media is (a source matches over its union)."""
+    for grp in groups:
+        if m & grp:
+            m |= grp
+    return m
+
+
+def _first_tier(masks: list[int], tier_masks: Sequence[int]) -> list[int]:
+    """For each mask, the index of the first tier mask it intersects, or -1 (comprehensions: ~60 ns a block)."""
+    if not tier_masks:
+        return [-1] * len(masks)
+    if len(tier_masks) == 1:
+        (t0,) = tier_masks
+        return [0 if m & t0 else -1 for m in masks]
+    if len(tier_masks) == 2:
+        t0, t1 = tier_masks
+        return [0 if m & t0 else 1 if m & t1 else -1 for m in masks]
+    if len(tier_masks) == 3:
+        t0, t1, t2 = tier_masks
+        return [0 if m & t0 else 1 if m & t1 else 2 if m & t2 else -1 for m in masks]
+    return [next((k for k, tm in enumerate(tier_masks) if m & tm), -1) for m in masks]

@@ -1,0 +1,194 @@
+"""The index as a service: one owner for the prefix index, the engines' loads, the routers and the event feeds.
+
+Everything here runs on one asyncio event loop: subscribers apply batches between awaits and HTTP handlers route
+synchronously, so the plain :class:`PrefixIndex` is never touched by two things at once and needs no lock. Nothing
+in this class blocks for long except :meth:`IndexService.compact`, which sweeps removed locations and is run by the
+owner when it chooses (``compact_retired_at`` makes :meth:`remove_engine` do it once enough bits are retired).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from kvfabric.errors import UnknownModelError
+from kvfabric.events import KVEvent, decode_batch
+from kvfabric.hashing import prefix_hashes, root_hash
+from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash
+from kvfabric.index.prefix_index import PrefixIndex
+from kvfabric.index.router import POLICIES, Calibration, EngineLoad, RouteDecision, RouteRequest, make_policy
+from kvfabric.index.subscriber import ZmqEventSubscriber
+from kvfabric.index.vllm_events import VllmEngineBinding, VllmEventTranslator, vllm_kv_events_config
+from kvfabric.spec import ModelSpec
+
+
+class NoEnginesError(LookupError):
+    """A route was asked for while no engine is registered."""
+
+
+@dataclass(frozen=True, slots=True)
+class VllmFeed:
+    """A subscribed vLLM engine: its subscriber, its translator, and the config to hand the engine."""
+
+    subscriber: ZmqEventSubscriber
+    translator: VllmEventTranslator
+
+    @property
+    def kv_events_config(self) -> dict[str, object]:
+        return vllm_kv_events_config(self.subscriber.endpoint)
+
+
+class IndexService:
+    def __init__(
+        self,
+        calibration: Calibration | None = None,
+        *,
+        models: Iterable[ModelSpec] = (),
+        salt_for: Callable[[Namespace], bytes] | None = None,
+        overlap_weight: float = 1.0,
+        compact_retired_at: int = 64,
+    ) -> None:
+        self.index = PrefixIndex()
+        self.calibration = calibration or Calibration()
+        self._salt_for = salt_for or (lambda ns: b"")
+        self._models: dict[ModelFingerprint, ModelSpec] = {}
+        self._engines: dict[str, EngineLoad] = {}
+        self._policies = {name: make_policy(name, self.index, self.calibration, overlap_weight=overlap_weight)
+                          for name in POLICIES}  # fmt: skip
+        self._policies["kvfabric-local"] = make_policy("kvfabric", self.index, self.calibration, use_fabric=False)
+        self._feeds: list[ZmqEventSubscriber] = []
+        self._compact_at = compact_retired_at
+        self.events_applied = 0
+        for spec in models:
+            self.register_model(spec)
+
+    # --- models and engines ----------------------------------------------------------------------------------------
+    def register_model(self, spec: ModelSpec) -> ModelFingerprint:
+        fp = spec.fingerprint()
+        self._models[fp] = spec
+        return fp
+
+    def model(self, fingerprint: ModelFingerprint) -> ModelSpec | None:
+        return self._models.get(fingerprint)
+
+    def report_load(self, load: EngineLoad) -> None:
+        """Register an engine or update its load."""
+        self._engines[load.engine] = load
+
+    def engines(self) -> list[EngineLoad]:
+        return list(self._engines.values())
+
+    def remove_engine(self, engine: str) -> int:
+        """The engine is gone: forget its load and every block it held (one operation). Returns blocks dropped."""
+        self._engines.pop(engine, None)
+        held = self.index.remove_location(engine)
+        if self.index.stats().retired_bits >= self._compact_at:
+            self.index.compact()
+        return held
+
+    def compact(self) -> int:
+        return self.index.compact()
+
+    # --- events ----------------------------------------------------------------------------------------------------
+    def ingest(self, events: Iterable[KVEvent]) -> int:
+        n = self.index.apply_many(events)
+        self.events_applied += n
+        return n
+
+    def ingest_batch(self, payload: bytes) -> int:
+        """Apply one kvfabric event batch (``kvfabric.events.encode_batch``)."""
+        return self.ingest(decode_batch(payload).events)
+
+    def subscribe_events(self, endpoint: str = "tcp://127.0.0.1:0", *, bind: bool = True) -> ZmqEventSubscriber:
+        """Subscribe to kvfabric event batches (call from the running loop); returns the started subscriber."""
+        sub = ZmqEventSubscriber(endpoint, self.ingest_batch, bind=bind)
+        sub.start()
+        self._feeds.append(sub)
+        return sub
+
+    def subscribe_vllm(self, binding: VllmEngineBinding, endpoint: str = "tcp://127.0.0.1:0") -> VllmFeed:
+        """Bind a subscriber for one vLLM engine (call from the running loop) and register the engine. Start vLLM
+        with ``feed.kv_events_config`` so it connects to it."""
+        self.register_model(binding.spec)
+        translator = VllmEventTranslator(binding)
+        sub = ZmqEventSubscriber(endpoint, lambda payload: self.ingest(translator.translate(payload)))
+        sub.start()
+        self._feeds.append(sub)
+        self._engines.setdefault(binding.engine, EngineLoad(binding.engine))
+        return VllmFeed(sub, translator)
+
+    async def aclose(self) -> None:
+        for sub in self._feeds:
+            await sub.aclose()
+        self._feeds.clear()
+
+    # --- routing ---------------------------------------------------------------------------------------------------
+    def chain_for(self, namespace: Namespace, model: ModelFingerprint, tokens: Sequence[int]) -> list[PrefixHash]:
+        """The kvfabric chain of a prompt for a registered model, under the namespace's salt."""
+        spec = self._models.get(model)
+        if spec is None:
+            raise UnknownModelError(model.hex())
+        return prefix_hashes(root_hash(model, self._salt_for(namespace)), tokens, spec.block_size)
+
+    def route(
+        self,
+        namespace: Namespace,
+        model: ModelFingerprint,
+        *,
+        tokens: Sequence[int] | None = None,
+        hashes: Sequence[PrefixHash] | None = None,
+        num_tokens: int | None = None,
+        block_size: int | None = None,
+        policy: str = "kvfabric",
+        engines: Sequence[EngineLoad] | None = None,
+    ) -> RouteDecision:
+        """Pick an engine for a prompt given as ``tokens`` or as its ``hashes`` (then ``num_tokens`` defaults to
+        the chain's full blocks, and ``block_size`` to the registered model's). ``engines`` overrides the reported
+        loads for this one decision."""
+        if (tokens is None) == (hashes is None):
+            raise ValueError("give exactly one of tokens or hashes")
+        spec = self._models.get(model)
+        if tokens is not None:
+            chain = self.chain_for(namespace, model, tokens)
+            n = len(tokens)
+            block_size = spec.block_size  # type: ignore[union-attr]  # chain_for checked the model
+        else:
+            assert hashes is not None
+            chain = list(hashes)
+            if block_size is None:
+                if spec is None:
+                    raise UnknownModelError(model.hex())
+                block_size = spec.block_size
+            n = num_tokens if num_tokens is not None else len(chain) * block_size
+        candidates = list(engines) if engines is not None else self.engines()
+        if not candidates:
+            raise NoEnginesError("no engines are registered to route to")
+        router = self._policies.get(policy)
+        if router is None:
+            raise ValueError(f"unknown routing policy {policy!r}; known: {', '.join(sorted(self._policies))}")
+        return router.route(RouteRequest(namespace, model, chain, n, block_size), candidates)
+
+    def stats(self) -> dict[str, object]:
+        s = self.index.stats()
+        return {
+            "scopes": s.scopes,
+            "blocks": s.blocks,
+            "retired_bits": s.retired_bits,
+            "events_applied": self.events_applied,
+            "locations": [
+                {"source": loc.source, "medium": loc.medium, "blocks": n}
+                for loc, n in sorted(s.locations.items(), key=lambda kv: (kv[0].source, kv[0].medium))
+            ],
+            "engines": [
+                {
+                    "engine": e.engine,
+                    "pending_prefill_tokens": e.pending_prefill_tokens,
+                    "active_decode_blocks": e.active_decode_blocks,
+                }
+                for e in self._engines.values()
+            ],
+            "feeds": [
+                {"endpoint": f.endpoint, "batches": f.stats.batches, "gaps": f.stats.gaps, "errors": f.stats.errors}
+                for f in self._feeds
+            ],
+        }
