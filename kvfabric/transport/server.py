@@ -1,10 +1,11 @@
 """The data-plane server: one asyncio process serving the frame protocol over TCP (optionally TLS).
 
-Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive into put buffers) and runs each
-request as a task; responses go out with ``writelines`` from the store's own memory. RAM-arena blocks are sent
-from a lease, so a block on the wire is never evicted or overwritten before the kernel has taken every byte: the
-lease is released when the transport's write buffer drains (write-buffer high-water mark 0 makes the transport
-report that). Disk and object tiers are reached through ``asyncio.to_thread``.
+Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive into put buffers). GET and LEASE
+of blocks in the RAM arena, and puts into a RAM-only store, are answered inside the callback (no I/O involved);
+everything that may touch the disk or object tier runs as a task through ``asyncio.to_thread``. Responses go out
+with one ``writelines`` from the store's own memory. RAM-arena blocks are sent from a lease, so a block on the wire
+is never evicted or overwritten before the kernel has taken every byte: the lease is released once the transport's
+write buffer holds only the response's copied tail (see ``TAIL_COPY_BYTES``).
 
 Error handling: a frame that cannot be parsed, is over a size limit in its header, or arrives before a successful
 HELLO gets an ERROR frame and the connection is closed (the byte stream cannot be trusted any more). A well-formed
