@@ -10,6 +10,12 @@ Schema (every value little-endian)::
 Keeping the record header in the entry lets ``head`` answer without touching the segment, and lets a read check the
 header bytes on disk against the index with one comparison. Writes are not synced here; the tier decides when
 the WAL must be durable (``sync``).
+
+Recently read or written entries are also kept decoded in memory (``ENTRY_CACHE_ENTRIES``, oldest dropped first),
+so a hot read costs a dict lookup instead of a RocksDB get and an unpack. Every change goes through ``write``,
+which updates the cache after RocksDB accepted the batch (and forgets the touched keys if it did not), so the
+cache never disagrees with the database as long as ``get`` and ``write`` do not run concurrently (the tier calls
+both under its lock).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from kvfabric.record import BlockMeta, decode_header
 from kvfabric.store.disk.segment import Position, align_up
 
 INDEX_FORMAT = b"1"
+ENTRY_CACHE_ENTRIES = 16384
+"""Decoded entries kept in memory (about 0.5 KiB each)."""
 _BLOCK = b"b"
 _HWM = b"mhwm"
 _FORMAT = b"mformat"
@@ -107,6 +115,7 @@ class BlockIndex:
         options.set_max_background_jobs(2)
         with _rocksdb("open", path):
             self._db = Rdict(str(path), options)
+        self._cache: dict[bytes, IndexEntry] = {}
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
         self._sync.sync = True
@@ -120,11 +129,24 @@ class BlockIndex:
             raise StoreError(f"RocksDB index at {path} has format {fmt!r}, this build reads {INDEX_FORMAT!r}")
 
     def get(self, key_bytes: bytes) -> IndexEntry | None:
+        entry = self._cache.get(key_bytes)
+        if entry is not None:
+            return entry
         try:  # no context manager here: this is on every read's path
             value = self._db.get(_BLOCK + key_bytes)
         except Exception as exc:
             raise StoreError(f"RocksDB index at {self.path}: get failed: {exc}") from exc
-        return None if value is None else IndexEntry.unpack(value)
+        if value is None:
+            return None
+        entry = IndexEntry.unpack(value)
+        self._remember(key_bytes, entry)
+        return entry
+
+    def _remember(self, key_bytes: bytes, entry: IndexEntry) -> None:
+        cache = self._cache
+        if len(cache) >= ENTRY_CACHE_ENTRIES and key_bytes not in cache:
+            del cache[next(iter(cache))]  # insertion order: the oldest goes first
+        cache[key_bytes] = entry
 
     def write(
         self,
@@ -142,8 +164,17 @@ class BlockIndex:
             batch.delete(_BLOCK + kb)
         if hwm is not None:
             batch.put(_HWM, _POS.pack(*hwm))
-        with _rocksdb("write", self.path):
-            self._db.write(batch, self._sync if sync else self._nosync)
+        try:
+            with _rocksdb("write", self.path):
+                self._db.write(batch, self._sync if sync else self._nosync)
+        except BaseException:
+            for kb in (*(kb for kb, _ in puts), *deletes):  # unknown outcome: re-read them from RocksDB
+                self._cache.pop(kb, None)
+            raise
+        for kb, entry in puts:  # in the batch's order: a delete of the same key wins
+            self._remember(kb, entry)
+        for kb in deletes:
+            self._cache.pop(kb, None)
 
     def sync(self) -> None:
         """Make every write so far durable (fsync of the WAL)."""
@@ -187,6 +218,7 @@ class BlockIndex:
             yield key[strip:], value
 
     def close(self) -> None:
+        self._cache.clear()
         with _rocksdb("close", self.path):
             self._db.flush_wal(True)
             self._db.close()
