@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -118,12 +118,16 @@ def write_record(fd: int, offset: int, header: bytes, payload: bytes | memoryvie
             bufs[0] = bufs[0][n:]
 
 
-def read_into(fd: int, offset: int, bufs: list[memoryview]) -> bool:
-    """Fill ``bufs`` from ``offset`` with preadv (straight into the caller's memory); ``False`` if the file ends
-    first."""
-    views = [b for b in bufs if len(b)]
+def read_into(fd: int, offset: int, bufs: list[Any]) -> bool:
+    """Fill ``bufs`` (flat byte buffers) from ``offset`` with preadv (straight into the caller's memory); ``False``
+    if the file ends first."""
+    want = sum(map(len, bufs))
+    done = os.preadv(fd, bufs, offset) if want else 0
+    if done == want:  # the usual case: one call
+        return True
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    n = done
     while views:
-        n = os.preadv(fd, views, offset)
         if n == 0:
             return False
         offset += n
@@ -132,6 +136,8 @@ def read_into(fd: int, offset: int, bufs: list[memoryview]) -> bool:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+        if views:
+            n = os.preadv(fd, views, offset)
     return True
 
 

@@ -60,6 +60,12 @@ _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+def _parse_owned(header: bytes) -> tuple[RecordHeader, bytes]:
+    """A record header and the key bytes of the block it describes (what a read checks its key against)."""
+    head = decode_header(header)
+    return head, head.meta.key.to_bytes()
+
+
 def _namespace_prefix(namespace: Namespace | None) -> bytes:
     """The leading bytes of ``BlockKey.to_bytes()`` shared by every key of ``namespace`` (all keys for None)."""
     if namespace is None:
@@ -122,10 +128,12 @@ class DiskTier(Tier):
             self._segment_dir.mkdir(parents=True)
             fsync_dir(self.path)
         self._committer = GroupCommitter(group_commit_ms / 1000.0)
-        self._parse_header = functools.lru_cache(maxsize=HEADER_CACHE_ENTRIES)(decode_header)
+        self._parse_owned = functools.lru_cache(maxsize=HEADER_CACHE_ENTRIES)(_parse_owned)
         self._append_lock = threading.Lock()
         self._compact_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        """``_cond``'s own lock, taken directly on the read path (``with`` on a Condition adds a Python call)."""
+        self._cond = threading.Condition(self._lock)
         self._pending: set[Position] = set()
         self._recent: dict[bytes, Position] = {}
         """Latest reserved position per key while ops may still be pending (pruned below the oldest pending)."""
@@ -175,13 +183,12 @@ class DiskTier(Tier):
         if found is None:
             return None
         entry, seg = found
-        header = bytearray(entry.header_len)
-        payload = np.empty(entry.payload_len, dtype=np.uint8)
         ok = in_place = False
         try:
             head = self._own_header(entry, kb)
-            ok = self._read_verified(seg, entry, memoryview(header), memoryview(payload))
-            in_place = head.codec == Codec.RAW
+            payload = np.empty(entry.payload_len, dtype=np.uint8)
+            ok = self._read_verified(seg, entry, payload)
+            in_place = head.codec is Codec.RAW
         except RecordError:
             pass
         finally:
@@ -196,7 +203,7 @@ class DiskTier(Tier):
         except RecordError:
             self._drop_corrupt(kb, entry)
             return None
-        with self._cond:
+        with self._lock:
             self._stats.hits += 1
         return Block(head.meta, raw if isinstance(raw, bytes) else memoryview(raw))
 
@@ -217,8 +224,8 @@ class DiskTier(Tier):
                 head = None
             if head is not None and len(dst) != head.meta.nbytes:
                 raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {head.meta.nbytes}")
-            in_place = head is not None and head.codec == Codec.RAW
-            ok = in_place and self._read_verified(seg, entry, memoryview(bytearray(entry.header_len)), dst)
+            in_place = head is not None and head.codec is Codec.RAW
+            ok = in_place and self._read_verified(seg, entry, dst)
         finally:
             self._release(seg, entry.record_len if ok else 0, hit=ok)
         if head is not None and not in_place:  # compressed: decode through a temporary, then copy
@@ -634,7 +641,7 @@ class DiskTier(Tier):
     # --- read path ---------------------------------------------------------------------------------------------
     def _acquire(self, kb: bytes) -> tuple[IndexEntry, Segment] | None:
         """The key's entry and its segment, pinned open for reading; counts a miss when absent."""
-        with self._cond:
+        with self._lock:
             self._check_open()
             entry = self._index.get(kb)
             seg = None if entry is None else self._segments.get(entry.segment)
@@ -647,7 +654,7 @@ class DiskTier(Tier):
 
     def _release(self, seg: Segment, read_bytes: int = 0, *, hit: bool = False) -> None:
         """Unpin ``seg`` after a read (closing a retired segment's fd with its last reader) and count the read."""
-        with self._cond:
+        with self._lock:
             seg.readers -= 1
             self._reads -= 1
             self._stats.bytes_read += read_bytes
@@ -660,14 +667,15 @@ class DiskTier(Tier):
 
     def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
         """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
-        head = self._parse_header(entry.header)
-        if head.meta.key.to_bytes() != kb:
+        head, owner = self._parse_owned(entry.header)
+        if owner != kb:
             raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
         return head
 
-    def _read_verified(self, seg: Segment, entry: IndexEntry, header: memoryview, payload: memoryview) -> bool:
-        """preadv the record into ``header`` and ``payload``; true only if the header bytes equal the index's copy
-        and the payload's checksum matches."""
+    def _read_verified(self, seg: Segment, entry: IndexEntry, payload: np.ndarray | memoryview) -> bool:
+        """One preadv of the record's header (into a scratch buffer) and payload (into ``payload``, a flat byte
+        buffer); true only if the header bytes equal the index's copy and the payload's checksum matches."""
+        header = bytearray(entry.header_len)
         try:
             complete = read_into(seg.fd, entry.offset, [header, payload])
         except OSError as exc:
@@ -702,9 +710,8 @@ class DiskTier(Tier):
                 entry = self._index.get(kb)
             if entry is None or entry.position != pos:
                 continue
-            header = bytearray(entry.header_len)
             payload = np.empty(entry.payload_len, dtype=np.uint8)
-            if not self._read_verified(seg, entry, memoryview(header), memoryview(payload)):
+            if not self._read_verified(seg, entry, payload):
                 self._drop_corrupt(kb, entry)
                 corrupt += 1
                 continue
