@@ -2,8 +2,9 @@
 
 Put: encode the record, reserve an aligned slot at the end of the active segment, pwritev ``[header, payload,
 padding]`` (no payload copy for RAW), fdatasync per the fsync policy, then one RocksDB write (the entry plus the
-high-water mark). Get: one RocksDB get, one preadv of ``[header, payload]`` into fresh (or the caller's) memory, a
-comparison of the header bytes with the index's copy and an XXH3 of the payload. See ``docs/disk-format.md``.
+high-water mark). Get: one index lookup (a dict hit for recently used keys, else a RocksDB get), one preadv of
+``[header, payload]`` into fresh (or the caller's) memory, a comparison of the header bytes with the index's copy
+and an XXH3 of the payload. See ``docs/disk-format.md``.
 
 Concurrency: ``_append_lock`` serialises slot reservation and the pwrite (so the file is written in reservation
 order and a failed write is always the tail, which can be cut); ``_cond`` guards the index writes and all in-memory
