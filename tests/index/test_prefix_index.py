@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from kvfabric.events import AllCleared, BlockRemoved, BlockStored
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
-from kvfabric.index.prefix_index import Location, PrefixIndex, SourceMatch
+from kvfabric.index.prefix_index import NO_TIER, Location, PrefixIndex, SourceMatch
 
 NS = Namespace("tenant-a")
 FP = ModelFingerprint(b"\x11" * 32)
@@ -97,6 +97,11 @@ def test_walk_reports_fastest_tier_per_position_and_stops_early() -> None:
     assert w.depths == {"e1": 2, "n1": 6}
     assert w.tiers == [0, 0, 0, 1, 1, 1]
     assert w.probed == 7  # block 6 is held by nobody: the walk stops there
+    e1, n1_ram, n1_disk = (idx.mask_of(sources=["e1"]), *masks)
+    assert sorted(zip(w.bits, w.bit_depths)) == sorted([(e1.bit_length() - 1, 2), (n1_ram.bit_length() - 1, 6),
+                                                       (n1_disk.bit_length() - 1, 6)])  # fmt: skip
+    w = idx.walk(NS, FP, CHAIN, [masks[1]], sources_mask=e1)
+    assert (w.depths, w.codes, w.tiers) == ({"e1": 2}, bytes([NO_TIER, NO_TIER, 0, 0, 0, 0]), [-1, -1, 0, 0, 0, 0])
 
 
 def test_unknown_event_type_is_refused() -> None:
