@@ -18,13 +18,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from kvfabric.errors import ConfigError
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
 from kvfabric.index.prefix_index import NO_TIER, PrefixIndex
+
+if TYPE_CHECKING:
+    from kvfabric.config import IndexSettings
+
+GPU_MEDIUM = TierId("gpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,13 @@ class Calibration:
                 raise ConfigError("calibration.tiers must map medium -> bytes per second")
             kwargs["tiers"] = tuple(TierSpeed(TierId(str(m)), float(bw)) for m, bw in tiers.items())
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls, settings: IndexSettings) -> Calibration:
+        """From the node's ``[index]`` settings. ``gpu`` bandwidth is left out: engines' own caches are their local
+        prefix, not a medium another engine loads from."""
+        tiers = {m: bw for m, bw in settings.tier_bandwidth.items() if m != GPU_MEDIUM}
+        return cls.from_mapping({"prefill_tokens_per_s": settings.prefill_tokens_per_s, "tiers": tiers})
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvfabric.errors import UnknownModelError
 from kvfabric.events import KVEvent, decode_batch
-from kvfabric.hashing import prefix_hashes, root_hash
+from kvfabric.hashing import prefix_hashes, root_hash, tenant_salt
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash
+from kvfabric.index.local_feed import LoopEventSink
 from kvfabric.index.prefix_index import PrefixIndex
 from kvfabric.index.router import (
     POLICIES,
@@ -28,6 +30,14 @@ from kvfabric.index.router import (
 from kvfabric.index.subscriber import ZmqEventSubscriber
 from kvfabric.index.vllm_events import VllmEngineBinding, VllmEventTranslator, vllm_kv_events_config
 from kvfabric.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kvfabric.config import IndexSettings, VllmEngineSettings
+
+
+ROUTE_POLICIES = (*POLICIES, "kvfabric-local")
+"""Policies :meth:`IndexService.route` knows: the four of ``router.POLICIES``, and kvfabric's TTFT policy without
+the fabric (engine-local prefixes only)."""
 
 
 class NoEnginesError(LookupError):
@@ -71,10 +81,26 @@ class IndexService:
                           for name in POLICIES}  # fmt: skip
         self._policies["kvfabric-local"] = make_policy("kvfabric", self.index, self.calibration, use_fabric=False)
         self._feeds: list[ZmqEventSubscriber] = []
+        self._local: list[LoopEventSink] = []
         self._compact_at = compact_retired_at
         self.events_applied = 0
         for spec in models:
             self.register_model(spec)
+
+    @classmethod
+    def for_node(
+        cls,
+        settings: IndexSettings,
+        server_secret: bytes,
+        *,
+        model_source: Callable[[ModelFingerprint], ModelSpec | None] | None = None,
+    ) -> IndexService:
+        """The index of one node: calibrated from its ``[index]`` settings, hashing token ids under each tenant's
+        salt from the server secret (the same salt the data plane gives that tenant)."""
+        if not server_secret:
+            raise ValueError("the index needs the server secret to salt tenants' hashes")
+        return cls(Calibration.from_settings(settings), model_source=model_source,
+                   salt_for=lambda ns: tenant_salt(server_secret, ns))  # fmt: skip
 
     # --- models and engines ----------------------------------------------------------------------------------------
     def register_model(self, spec: ModelSpec) -> ModelFingerprint:
@@ -148,10 +174,28 @@ class IndexService:
             self.report_load(EngineLoad(binding.engine))
         return VllmFeed(sub, translator)
 
+    def subscribe_configured(self, engines: Iterable[VllmEngineSettings]) -> list[VllmFeed]:
+        """Subscribe to the vLLM engines of ``[[index.vllm_engines]]`` (call from the running loop); each engine's
+        blocks are keyed under its namespace's salt."""
+        feeds = []
+        for e in engines:
+            ns = Namespace(e.namespace)
+            binding = VllmEngineBinding(e.engine, ns, ModelSpec.from_dict(e.model), self._salt_for(ns))
+            feeds.append(self.subscribe_vllm(binding, e.endpoint, bind=e.bind))
+        return feeds
+
+    def feed_local(self, sink: LoopEventSink) -> None:
+        """Apply the events published into ``sink`` from any thread (a store's tiers) on the running loop."""
+        sink.attach(self.ingest)
+        self._local.append(sink)
+
     async def aclose(self) -> None:
         for sub in self._feeds:
             await sub.aclose()
         self._feeds.clear()
+        for sink in self._local:
+            sink.detach()
+        self._local.clear()
 
     # --- routing ---------------------------------------------------------------------------------------------------
     def chain_for(self, namespace: Namespace, model: ModelFingerprint, tokens: Sequence[int]) -> list[PrefixHash]:
@@ -224,4 +268,9 @@ class IndexService:
                 {"endpoint": f.endpoint, "batches": f.stats.batches, "gaps": f.stats.gaps, "errors": f.stats.errors}
                 for f in self._feeds
             ],
+            "local_feeds": [
+                {"published": sink.stats.published, "applied": sink.stats.applied, "dropped": sink.stats.dropped,
+                 "errors": sink.stats.errors, "pending": sink.pending}
+                for sink in self._local
+            ],  # fmt: skip
         }
