@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
-from operator import and_, ne
+from operator import add, and_, eq, ne, rshift, sub, xor
 
 from kvfabric.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
@@ -110,6 +110,7 @@ class PrefixIndex:
         "_locations",
         "_retired",
         "_scopes",
+        "_tier_tables",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -125,6 +126,7 @@ class PrefixIndex:
         self._groups: list[int] = []  # masks of sources with more than one live medium
         self._epoch = 0  # bumped whenever the set of locations changes (callers cache masks by it)
         self._by_bit: tuple[Location | None, ...] | None = None  # snapshot of _locations for this epoch
+        self._tier_tables: dict[tuple[int, ...], bytes] = {}  # walk's tier-code tables, by tier masks
 
     # --- locations -------------------------------------------------------------------------------------------------
     @property
@@ -334,7 +336,8 @@ class PrefixIndex:
         for tm in tier_masks:
             any_tier |= tm
         masks: list[int] = []
-        dropped_at: list[tuple[int, int]] = []  # (bits that stopped matching, depth they reached)
+        drop_masks: list[int] = []  # bits that stopped matching ...
+        drop_depths: list[int] = []  # ... and the depth they reached
         n = len(chain)
         pos = 0
         step = 16
@@ -344,8 +347,9 @@ class PrefixIndex:
             spread = chunk if not groups else [_spread(m, groups) for m in chunk]
             acc = list(accumulate(spread, and_, initial=run))
             if acc[-1] != run:
-                for k in compress(range(len(chunk)), map(ne, acc, acc[1:])):
-                    dropped_at.append((acc[k] ^ acc[k + 1], pos + k))
+                at = list(compress(range(len(chunk)), map(ne, acc, acc[1:])))
+                drop_masks += map(xor, map(acc.__getitem__, at), map(acc.__getitem__, map(add, at, repeat(1))))
+                drop_depths += map(add, at, repeat(pos))
                 run = acc[-1]
             if run:
                 masks += chunk
@@ -370,22 +374,23 @@ class PrefixIndex:
             pos += step
             step = min(step * 2, 512)
         if run:
-            dropped_at.append((run, n))
-        bits: list[int] = []
-        depths: list[int] = []
-        for mask, depth in dropped_at:
-            if not depth:
-                continue
-            if not mask & (mask - 1):  # one bit (the usual case: one engine's prefix ends here)
-                bits.append(mask.bit_length() - 1)
-                depths.append(depth)
-                continue
-            while mask:
-                low = mask & -mask
-                bits.append(low.bit_length() - 1)
-                depths.append(depth)
-                mask ^= low
-        return ChainWalk(bits, depths, _first_tier(masks, tier_masks), min(stop + 1, n), self.locations_by_bit())
+            drop_masks.append(run)
+            drop_depths.append(n)
+        if drop_depths and not drop_depths[0]:  # sources holding not even the first block
+            del drop_masks[0], drop_depths[0]
+        if all(map(eq, map(int.bit_count, drop_masks), repeat(1))):  # one source a drop: the usual case
+            bits = list(map(sub, map(int.bit_length, drop_masks), repeat(1)))
+            depths = drop_depths
+        else:
+            bits, depths = [], []
+            for mask, depth in zip(drop_masks, drop_depths, strict=True):
+                while mask:
+                    low = mask & -mask
+                    bits.append(low.bit_length() - 1)
+                    depths.append(depth)
+                    mask ^= low
+        codes = _first_tier(masks, tier_masks, self._tier_tables)
+        return ChainWalk(bits, depths, codes, min(stop + 1, n), self.locations_by_bit())
 
     def match(self, namespace: Namespace, model: ModelFingerprint, chain: Sequence[PrefixHash]) -> list[SourceMatch]:
         """For each source matching at least one leading block: its depth overall and per medium, deepest first."""
@@ -453,11 +458,28 @@ def _spread(m: int, groups: list[int]) -> int:
     return m
 
 
-def _first_tier(masks: list[int], tier_masks: Sequence[int]) -> bytes:
-    """For each mask, the index of the first tier mask it intersects, or ``NO_TIER`` (comprehensions: ~50 ns a
-    block)."""
+def _first_tier(masks: list[int], tier_masks: Sequence[int], tables: dict[tuple[int, ...], bytes]) -> bytes:
+    """For each mask, the index of the first tier mask it intersects, or ``NO_TIER``. ``tables`` caches the byte
+    tables of the fast path by tier masks."""
     if not tier_masks:
         return bytes([NO_TIER]) * len(masks)
+    any_tier = 0
+    for tm in tier_masks:
+        any_tier |= tm
+    low = (any_tier & -any_tier).bit_length() - 1 if any_tier else 0
+    if any_tier >> low < 256:
+        # All tier bits within one byte (a node's tiers, whose bits are usually the first ones): one C-level pass
+        # takes each block's tier bits into a byte, and a 256-entry table names the fastest tier of each pattern.
+        key = tuple(tier_masks)
+        table = tables.get(key)
+        if table is None:
+            if len(tables) >= 64:
+                tables.clear()
+            table = tables[key] = bytes(
+                next((k for k, tm in enumerate(tier_masks) if (p << low) & tm), NO_TIER) for p in range(256)
+            )
+        held = map(and_, masks, repeat(any_tier))
+        return bytes(map(rshift, held, repeat(low)) if low else held).translate(table)
     if len(tier_masks) == 1:
         (t0,) = tier_masks
         return bytes([0 if m & t0 else NO_TIER for m in masks])
