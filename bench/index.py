@@ -203,8 +203,10 @@ def bench_lookups(n_blocks: int, n_engines: int, request_tokens: int, block_size
     for e in engines:
         service.report_load(e)
     decision = router.route(request, engines)
-    assert service.route(NS, FP, hashes=chain, num_tokens=request_tokens, block_size=block_size).local_blocks \
-        == decision.local_blocks  # the same decision (ties may rotate to another engine of equal cost)
+    assert (
+        service.route(NS, FP, hashes=chain, num_tokens=request_tokens, block_size=block_size).local_blocks
+        == decision.local_blocks
+    )  # the same decision (ties may rotate to another engine of equal cost)
     samples = _route_samples(
         lambda: service.route(NS, FP, hashes=chain, num_tokens=request_tokens, block_size=block_size)
     )
@@ -221,7 +223,8 @@ def bench_lookups(n_blocks: int, n_engines: int, request_tokens: int, block_size
             parent = block_hash(parent, tokens[i * block_size : (i + 1) * block_size])
 
     assert prefix_hashes(root, tokens, block_size)[-1] == block_hash(
-        prefix_hashes(root, tokens, block_size)[-2], tokens[(chain_len - 1) * block_size : chain_len * block_size])
+        prefix_hashes(root, tokens, block_size)[-2], tokens[(chain_len - 1) * block_size : chain_len * block_size]
+    )
     out.append(row("chain_hash_ms", f"{request_tokens:,} tokens, {chain_len} blocks",
                    timed(lambda: prefix_hashes(root, tokens, block_size)) * 1e3, timed(chained) * 1e3,
                    "prefix_hashes over a list of ints vs block_hash per block"))  # fmt: skip

@@ -269,8 +269,13 @@ class IndexService:
                 for f in self._feeds
             ],
             "local_feeds": [
-                {"published": sink.stats.published, "applied": sink.stats.applied, "dropped": sink.stats.dropped,
-                 "errors": sink.stats.errors, "pending": sink.pending}
+                {
+                    "published": sink.stats.published,
+                    "applied": sink.stats.applied,
+                    "dropped": sink.stats.dropped,
+                    "errors": sink.stats.errors,
+                    "pending": sink.pending,
+                }
                 for sink in self._local
-            ],  # fmt: skip
+            ],
         }

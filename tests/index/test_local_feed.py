@@ -144,8 +144,12 @@ def test_removal_events_are_bridged_too() -> None:
 
     async def main() -> None:
         svc.feed_local(sink)
-        threading.Thread(target=lambda: [sink.publish(ev("n", 1)), sink.publish(
-            BlockRemoved("n", TierId("ram"), NS, FP, (PrefixHash((1).to_bytes(32, "big")),)))]).start()
+        threading.Thread(
+            target=lambda: [
+                sink.publish(ev("n", 1)),
+                sink.publish(BlockRemoved("n", TierId("ram"), NS, FP, (PrefixHash((1).to_bytes(32, "big")),))),
+            ]
+        ).start()
         await until(lambda: svc.events_applied == 2)
         await svc.aclose()
 

@@ -270,6 +270,7 @@ def test_blocks_kept_across_a_restart_are_announced_to_the_new_index(tmp_path: P
     try:
         register_engines(second, "engine-1")
         with second.http(ENGINE_A) as a:
+
             def on_disk() -> bool:
                 r = a.post("/v1/index/match", json=chain_body(tokens=TOKENS.tolist())).json()
                 return r["matches"] == [{"source": NODE, "blocks": 6, "media": {"disk": 6}}]
