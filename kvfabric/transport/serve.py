@@ -16,15 +16,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
 from kvfabric.errors import ConfigError
 from kvfabric.events import EventSink
-from kvfabric.index.local_feed import LoopEventSink
+from kvfabric.index.local_feed import LoopEventSink, announce_held
 from kvfabric.transport.auth import load_or_create_secret
 from kvfabric.transport.frames import Limits
 from kvfabric.transport.server import FabricServer, ServerConfig
+
+if TYPE_CHECKING:
+    from kvfabric.index.service import IndexService
 
 log = logging.getLogger("kvfabric.serve")
 READY_LINE = "kvfabric serve: listening on {host}:{port}"
@@ -132,22 +135,28 @@ class _NodeIndex:
     """The node's index on the serving loop: fed by the store's tiers (through ``events``), by what the tiers held
     at start (announced from a worker thread), and by the vLLM engines in ``[[index.vllm_engines]]``."""
 
-    def __init__(self, store: Any, config: ServerConfig, settings: Settings, events: LoopEventSink) -> None:
-        from kvfabric.index.local_feed import announce_held
-        from kvfabric.index.service import IndexService
-
-        self.service = IndexService.for_node(settings.index, config.server_secret, model_source=store.model)
-        self.service.feed_local(events)
-        self.service.subscribe_configured(settings.index.vllm_engines)
+    def __init__(self, service: IndexService, store: Any, node_id: str, events: LoopEventSink) -> None:
+        self.service = service
         self._stop = threading.Event()
         held = ((tier, store.tier(tier).keys()) for tier in store.tiers)
-        self._announcer = asyncio.create_task(
-            self._announce(announce_held, events, config.node_id, held), name="kvfabric-index-announce"
-        )
+        self._announcer = asyncio.create_task(self._announce(events, node_id, held), name="kvfabric-index-announce")
 
-    async def _announce(self, announce: Any, *args: Any) -> None:
+    @classmethod
+    async def start(cls, store: Any, config: ServerConfig, settings: Settings, events: LoopEventSink) -> _NodeIndex:
+        from kvfabric.index.service import IndexService  # zmq and the routers: only when serving an index
+
+        service = IndexService.for_node(settings.index, config.server_secret, model_source=store.model)
+        service.feed_local(events)
         try:
-            n = await asyncio.to_thread(announce, *args, self._stop)
+            service.subscribe_configured(settings.index.vllm_engines)
+        except OSError as exc:
+            await service.aclose()
+            raise ConfigError(f"index.vllm_engines: {exc}") from exc
+        return cls(service, store, config.node_id, events)
+
+    async def _announce(self, *args: Any) -> None:
+        try:
+            n = await asyncio.to_thread(announce_held, *args, self._stop)
         except Exception:  # the index then lacks what the tiers held at start; serving goes on
             log.exception("announcing the blocks the store held at start to the index failed")
         else:
@@ -178,7 +187,7 @@ async def _serve(
             from kvfabric.api.server import AdminServer
 
             assert events is not None
-            index = _NodeIndex(store, config, settings, events)
+            index = await _NodeIndex.start(store, config, settings, events)
             admin_host = settings.server.admin_host or config.host
             app = create_app(store, settings, metrics=metrics, extra_routers=[index_router(index.service)])
             admin = AdminServer(app, admin_host, admin_port)

@@ -281,3 +281,16 @@ def test_blocks_kept_across_a_restart_are_announced_to_the_new_index(tmp_path: P
             assert (d["local_blocks"], d["fabric_blocks"], d["fabric_tiers"]) == (0, 6, {"disk": 6})
     finally:
         second.stop()
+
+
+def test_a_vllm_endpoint_that_cannot_be_bound_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('endpoint = "tcp://127.0.0.1:0"', 'endpoint = "tcp://not-an-address:1"'))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvfabric", "serve", "--config", str(cfg), "--port", "0", "--admin-port", "0",
+         "--no-nixl"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "index.vllm_engines" in proc.stderr and "tcp://not-an-address:1" in proc.stderr
