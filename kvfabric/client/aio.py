@@ -212,7 +212,13 @@ class AsyncClient:
             ep = nixl_transport.client_endpoint()
             if ep is None:
                 return None
-            reply = expect(await conn.request(fr.encode_nixl_connect(conn.next_id(), ep.metadata)), fr.NixlOk, "nixl")
+            try:
+                reply = await conn.request(fr.encode_nixl_connect(conn.next_id(), ep.metadata))
+                reply = expect(reply, fr.NixlOk, "nixl")
+            except RemoteError as exc:  # the server offered NIXL but could not start its endpoint
+                log.warning("NIXL unavailable on %s (%s); using TCP", self.endpoint, exc)
+                ep.close()
+                return None
             ep.connect(reply.agent_metadata)
             return LeasedReader(nixl=ep, base_addr=reply.base_addr)
         if self.options.shm is False or session.shm is None:
@@ -265,8 +271,8 @@ class AsyncClient:
         return (await self.session()).hashes(spec, tokens, extras)
 
     async def _keys(self, kind: fr.KeyOp, spec: ModelSpec, hashes: Sequence[PrefixHash], idem: bool) -> list[Any]:
-        fp = spec.fingerprint()
         session = await self.session()
+        fp = session.fingerprint(spec)
 
         async def one(run: range) -> fr.Frame:
             async def op(conn: AsyncConnection) -> fr.Frame:
@@ -315,8 +321,8 @@ class AsyncClient:
         if len(out) != len(hashes):
             raise ValueError(f"{len(out)} output buffers for {len(hashes)} hashes")
         dests = [writable(o) for o in out]
-        fp = spec.fingerprint()
         session = await self.session()
+        fp = session.fingerprint(spec)
 
         async def one(run: range) -> list[fr.WireMeta | None]:
             h, d = [hashes[i] for i in run], [dests[i] for i in run]
@@ -374,7 +380,7 @@ class AsyncClient:
         if len(blocks) != len(hashes):
             raise ValueError(f"{len(blocks)} blocks for {len(hashes)} hashes")
         session = await self.session()
-        fp = spec.fingerprint()
+        fp = session.fingerprint(spec)
         if fp not in session.registered:
             await self.register_model(spec)
         root = parent if parent is not None else root_hash(fp, session.salt)

@@ -74,9 +74,17 @@ class SessionInfo:
     shm: fr.ShmOffer | None
     nixl: bool
     registered: set[ModelFingerprint] = field(default_factory=set)
+    _fingerprints: dict[ModelSpec, ModelFingerprint] = field(default_factory=dict)
+
+    def fingerprint(self, spec: ModelSpec) -> ModelFingerprint:
+        """``spec.fingerprint()``, remembered: it hashes canonical JSON, ~0.1 ms, paid once per spec, not per call."""
+        fp = self._fingerprints.get(spec)
+        if fp is None:
+            fp = self._fingerprints[spec] = spec.fingerprint()
+        return fp
 
     def hashes(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
-        return prefix_hashes(root_hash(spec.fingerprint(), self.salt), tokens, spec.block_size, extras)
+        return prefix_hashes(root_hash(self.fingerprint(spec), self.salt), tokens, spec.block_size, extras)
 
 
 def session_from(reply: fr.Frame) -> SessionInfo:

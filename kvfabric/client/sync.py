@@ -94,7 +94,12 @@ class Client:
             ep = nixl_transport.client_endpoint()
             if ep is None:
                 return None
-            reply = expect(conn.request(fr.encode_nixl_connect(conn.next_id(), ep.metadata)), fr.NixlOk, "nixl")
+            try:
+                reply = expect(conn.request(fr.encode_nixl_connect(conn.next_id(), ep.metadata)), fr.NixlOk, "nixl")
+            except RemoteError as exc:  # the server offered NIXL but could not start its endpoint
+                log.warning("NIXL unavailable on %s (%s); using TCP", self.endpoint, exc)
+                ep.close()
+                return None
             ep.connect(reply.agent_metadata)
             log.info("reading blocks from %s over NIXL", self.endpoint)
             return LeasedReader(nixl=ep, base_addr=reply.base_addr)
@@ -153,7 +158,7 @@ class Client:
         return fp
 
     def _ensure_model(self, spec: ModelSpec) -> ModelFingerprint:
-        fp = spec.fingerprint()
+        fp = self.session.fingerprint(spec)
         if fp not in self.session.registered:
             self.register_model(spec)
         return fp
@@ -164,7 +169,7 @@ class Client:
 
     # --- key operations ------------------------------------------------------------------------------------------
     def _keys(self, kind: fr.KeyOp, spec: ModelSpec, hashes: Sequence[PrefixHash], idempotent: bool) -> list[Any]:
-        fp = spec.fingerprint()
+        fp = self.session.fingerprint(spec)
         out: list[Any] = []
         for run in batches(len(hashes), [0] * len(hashes), self.session.limits):
             def op(conn: SyncConnection, run: range = run) -> fr.Frame:
@@ -217,7 +222,7 @@ class Client:
         if len(out) != len(hashes):
             raise ValueError(f"{len(out)} output buffers for {len(hashes)} hashes")
         dests = [writable(o) for o in out]
-        fp = spec.fingerprint()
+        fp = self.session.fingerprint(spec)
         found: list[bool] = []
         for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits):
             h = [hashes[i] for i in run]

@@ -1,9 +1,16 @@
 """One blocking connection: frames out with ``sendmsg`` (header and payload views, no concatenation), replies in
-with ``recv_into`` straight into the destination buffers. One request at a time; the pool provides concurrency."""
+with ``recv_into`` straight into the destination buffers. One request at a time; the pool provides concurrency.
+
+A plain TCP connection is a blocking socket whose timeout is the kernel's (``SO_RCVTIMEO``/``SO_SNDTIMEO``), not
+Python's: a Python socket timeout polls before every ``recv_into``, and that extra call and wake-up per chunk cost
+8-23% of the bandwidth of a 16 MiB reply on loopback. One ``recv`` reads a reply's header, body and the first payload bytes;
+the rest of the payload is received straight into its destination in as few calls as the kernel allows.
+"""
 
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -13,6 +20,10 @@ from kvfabric.transport import frames as fr
 from kvfabric.transport.shm import host_identity
 
 IOV_MAX: Final = 512
+CONTROL_BYTES: Final = 64 << 10
+"""Reused buffer for reply headers and bodies (grown for a larger body)."""
+FIRST_READ_BYTES: Final = 4096
+"""The first read of a reply: header, a typical body, and a few payload bytes that are then copied once."""
 CLIENT_LIMITS: Final = fr.Limits(max_body_bytes=64 << 20, max_batch=1 << 20, max_block_bytes=1 << 40,
                                   max_payload_bytes=1 << 44)  # fmt: skip
 """A client trusts its server's sizes; it only guards against absurd values."""
@@ -27,14 +38,21 @@ class SyncConnection:
         self.options = options
         self.broken = False
         self._next_id = 1
-        self._head = bytearray(fr.HEADER_BYTES)
         try:
             raw = socket.create_connection((endpoint.host, endpoint.port), timeout=options.timeout)
         except OSError as exc:
             raise ClientError(f"cannot connect to {endpoint}: {exc}") from exc
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._tls = options.ssl is not None or endpoint.tls
-        if self._tls:
+        self._buf = bytearray(CONTROL_BYTES)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # received bytes not consumed yet: self._buf[start:end]
+        if not self._tls:
+            timeval = struct.pack("@ll", int(options.timeout), int(options.timeout % 1 * 1e6))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            raw.settimeout(None)
+        else:
             import ssl
 
             ctx = options.ssl or ssl.create_default_context()
@@ -70,7 +88,7 @@ class SyncConnection:
             if reply.request_id not in (rid, 0):
                 raise ProtocolError(f"{what}: reply to request {reply.request_id}, expected {rid}")
             return reply
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO / SO_SNDTIMEO expired
             self.broken = True
             raise ClientError(f"{what} to {self.endpoint} timed out after {self.options.timeout}s") from exc
         except OSError as exc:
@@ -106,21 +124,43 @@ class SyncConnection:
                 views.pop(0)
 
     def _recv_exact(self, view: memoryview) -> None:
-        pos, n = 0, len(view)
+        """Fill ``view``: first from bytes already received, then straight from the socket."""
+        n = len(view)
+        pos = min(n, self._end - self._start)
+        if pos:
+            view[:pos] = self._view[self._start : self._start + pos]
+            self._start += pos
         recv_into = self.sock.recv_into
         while pos < n:
-            got = recv_into(view[pos:], n - pos)
+            got = recv_into(view[pos:])
             if not got:
                 raise ClientError(f"{self.endpoint} closed the connection")
             pos += got
 
+    def _fill(self, n: int, window: int) -> memoryview:
+        """At least ``n`` unconsumed bytes in the control buffer (reading up to ``window`` more per call)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._start + n > len(self._buf):
+            have = self._view[self._start : self._end]
+            if n > len(self._buf):
+                self._buf = bytearray(n)
+                self._view.release()
+                self._view = memoryview(self._buf)
+            self._view[: len(have)] = have
+            self._start, self._end = 0, len(have)
+        while self._end - self._start < n:
+            got = self.sock.recv_into(self._view[self._end : min(len(self._buf), self._end + max(window, n))])
+            if not got:
+                raise ClientError(f"{self.endpoint} closed the connection")
+            self._end += got
+        return self._view[self._start : self._start + n]
+
     def _receive(self, sink: Sink | None, on_segment: OnSegment | None) -> fr.Frame:
-        head = memoryview(self._head)
-        self._recv_exact(head)
-        header = fr.parse_header(head, CLIENT_LIMITS)
-        body = bytearray(header.body_len)
-        self._recv_exact(memoryview(body))
-        frame = fr.parse_body(header, body, CLIENT_LIMITS)
+        header = fr.parse_header(self._fill(fr.HEADER_BYTES, FIRST_READ_BYTES), CLIENT_LIMITS)
+        self._start += fr.HEADER_BYTES
+        frame = fr.parse_body(header, self._fill(header.body_len, header.body_len), CLIENT_LIMITS)
+        self._start += header.body_len
         if header.payload_len:
             segments = sink(frame) if sink is not None else None
             if segments is None:

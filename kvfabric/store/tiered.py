@@ -293,9 +293,12 @@ class TieredStore:
         return self._keys_where(namespace, None)
 
     # --- leases (the shm fast path) --------------------------------------------------------------------------------
-    def acquire(self, key: BlockKey) -> Lease | None:
+    def acquire(self, key: BlockKey, *, promote: bool = True) -> Lease | None:
         """A read lease on the block in the RAM arena, promoting it from below if need be; ``None`` on a miss or
-        when RAM has no room (everything there pinned or leased): the caller falls back to ``get``."""
+        when RAM has no room (everything there pinned or leased): the caller falls back to ``get``.
+
+        ``promote=False`` only looks in RAM and never touches a lower tier, so it does no disk or network I/O: an
+        event loop can call it inline and hand the misses to a thread."""
         self._check_open()
         for _ in range(3):  # a promoted block can be evicted again before we lease it; retry a little
             lease = self._ram.acquire(key)
@@ -306,6 +309,8 @@ class TieredStore:
                     return None
                 self._touch(key)
                 return lease
+            if not promote:
+                return None
             found = self._read_lower(key)
             if found is None:
                 return None

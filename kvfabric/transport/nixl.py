@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 _API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
 MAX_CACHED_REGISTRATIONS = 64
 XFER_TIMEOUT_S = 30.0
+RDMA_DEVICES = "/sys/class/infiniband"
 
 
 def load_api() -> tuple[ModuleType | None, str]:
@@ -33,15 +36,46 @@ def load_api() -> tuple[ModuleType | None, str]:
     reasons = []
     for name in _API_MODULES:
         try:
-            return importlib.import_module(name), ""
+            api = importlib.import_module(name)
         except Exception as exc:  # ImportError, or a broken native library raising anything at import
             reasons.append(f"{name}: {exc}")
+            continue
+        _log_through_the_application()
+        return api, ""
     return None, "; ".join(reasons)
 
 
-def _agent(api: ModuleType, role: str) -> Any:
+def _log_through_the_application() -> None:
+    """NIXL's Python package logs INFO lines to stdout through its own handler, which corrupts the stdout of the
+    program using it (``bench/transport.py --json``, say): hand its records to the application's logging."""
+    nixl_log = logging.getLogger("nixl")
+    for handler in list(nixl_log.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            nixl_log.removeHandler(handler)
+    nixl_log.propagate = True
+
+
+def _skip_absent_rdma_modules() -> None:
+    """On a host without RDMA devices, keep UCX from loading its InfiniBand modules (unless ``UCX_MODULES`` is set):
+    they cannot be used there, and the libnl they pull in (bundled in the nixl wheels) crashes in its library
+    destructor at process exit (SIGSEGV in ``rtnl_tc_unregister``), turning every clean exit into exit code 139."""
+    if "UCX_MODULES" in os.environ:
+        return
+    try:
+        has_rdma = any(Path(RDMA_DEVICES).iterdir())
+    except OSError:
+        has_rdma = False
+    if not has_rdma:
+        os.environ["UCX_MODULES"] = "^ib,rdmacm"  # read by UCX when the first agent loads it
+
+
+def _agent(api: ModuleType, role: str, progress_thread: bool) -> Any:
+    """A NIXL agent with the UCX backend. ``progress_thread`` starts UCX's progress thread, which polls without
+    pause: the server needs it (over UCX's TCP transport a remote read is served by the target's progress), a
+    client does not (it drives progress itself while it waits for its reads)."""
+    _skip_absent_rdma_modules()
     name = f"kvfabric-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
     if "UCX" not in agent.backends:
         raise RuntimeError("NIXL has no UCX backend plugin")
     return agent
@@ -73,7 +107,7 @@ def server_endpoint(arena: ArenaMap | None) -> NixlServerEndpoint | None:
         log.info("NIXL transport unavailable (%s); clients will use TCP", why)
         return None
     try:
-        return NixlServerEndpoint(_agent(api, "server"), arena)
+        return NixlServerEndpoint(_agent(api, "server", progress_thread=True), arena)
     except Exception as exc:  # UCX initialisation failures surface as RuntimeError or nixl's own types
         log.warning("NIXL transport unavailable (%s); clients will use TCP", exc)
         return None
@@ -156,7 +190,7 @@ def client_endpoint() -> NixlClientEndpoint | None:
         log.warning("NIXL requested but unavailable (%s); using TCP", why)
         return None
     try:
-        return NixlClientEndpoint(_agent(api, "client"))
+        return NixlClientEndpoint(_agent(api, "client", progress_thread=False))
     except Exception as exc:
         log.warning("NIXL requested but its UCX backend failed to start (%s); using TCP", exc)
         return None

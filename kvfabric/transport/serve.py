@@ -171,6 +171,11 @@ class _NodeIndex:
 async def _serve(
     store: Any, config: ServerConfig, settings: Settings, admin_port: int | None, events: LoopEventSink | None
 ) -> None:
+    # Handlers first: a SIGTERM right after the ready line must still close the store (flush, unlink the arena).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     metrics = None
     if admin_port is not None:
         from kvfabric.api.metrics import Metrics
@@ -194,10 +199,6 @@ async def _serve(
             await admin.start()
             print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
         print(READY_LINE.format(host=config.host, port=server.port), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         log.info("shutting down")

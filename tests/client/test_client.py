@@ -110,3 +110,15 @@ def test_async_client_mirrors_the_sync_one(server: ThreadServer, shm: bool) -> N
             assert (await c.lookup(SPEC, TOKENS)).blocks == 2
 
     asyncio.run(main())
+
+
+def test_a_reply_body_larger_than_the_receive_buffer(server: ThreadServer) -> None:
+    spec = ModelSpec(model="test/many-small", num_layers=1, kv_heads=1, head_dim=8, dtype=DType.UINT8, block_size=4)
+    n = 3000  # a BLOCKS reply with 3000 metas: a body of ~200 KiB, more than the client's 64 KiB control buffer
+    tokens = np.arange(n * spec.block_size)
+    kv = np.random.default_rng(5).integers(0, 256, (n, *spec.block_shape), dtype=np.uint8)
+    with Client(server.url, shm=False) as c:
+        assert c.put(spec, tokens, kv) == n
+        got = c.get_blocks(spec, c.block_hashes(spec, tokens))
+        assert np.array_equal(np.stack(got), kv.reshape(n, -1))
+        assert c.lookup(spec, tokens).blocks == n  # the same connection reads on after the grown buffer

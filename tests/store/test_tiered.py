@@ -347,6 +347,21 @@ def test_acquire_promotes_and_leases_in_the_shm_arena() -> None:
     store.close()
 
 
+def test_acquire_without_promotion_leases_only_what_ram_holds() -> None:
+    store, tiers = build(4, ["disk"])
+    below, above = make_chain(2)
+    store.put_many([below, above])
+    tiers["ram"].delete(below.key)
+    assert store.acquire(below.key, promote=False) is None
+    assert where(tiers, below.key) == {"disk"}  # not read, not promoted
+    lease = store.acquire(above.key, promote=False)
+    assert lease is not None and lease.meta.key == above.key
+    assert store.release(lease)
+    assert store.acquire(below.key) is not None  # the default still promotes
+    assert where(tiers, below.key) == {"ram", "disk"}
+    store.close()
+
+
 def test_registered_models_survive_restart(tmp_path: Path) -> None:
     store, _ = build(data_dir=tmp_path)
     assert store.models() == [SPEC]

@@ -1,4 +1,5 @@
-"""Running the real FabricServer for tests: on an event loop in a background thread, or as a separate process."""
+"""Running the real FabricServer over a real TieredStore for tests: on an event loop in a background thread, or as
+``kvfabric serve`` in a separate process."""
 
 from __future__ import annotations
 
@@ -15,10 +16,31 @@ from typing import Any
 
 import uvloop
 
+from kvfabric.store.config import StoreConfig
+from kvfabric.store.memory import MemoryTier
+from kvfabric.store.tiered import TieredStore
 from kvfabric.transport.server import FabricServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = b"kvfabric-test-secret-0123456789"
+RAM_BYTES = 16 << 20
+
+
+def open_store(data_dir: Path | None = None, ram_bytes: int = RAM_BYTES) -> TieredStore:
+    """The product's store as ``kvfabric serve`` opens it: RAM only (a /dev/shm arena), or RAM + disk."""
+    return TieredStore.open(StoreConfig(data_dir=data_dir, ram_bytes=ram_bytes))
+
+
+def ram_store(ram: MemoryTier) -> TieredStore:
+    """A RAM-only TieredStore over ``ram``, so a test can also watch the RAM tier's arena."""
+    return TieredStore(StoreConfig(ram_bytes=ram.capacity_bytes), ram)
+
+
+def held_bytes(ram: MemoryTier) -> int:
+    """Arena bytes RAM cannot give back: blocks a lease holds (live or already deleted); these tests pin nothing.
+    Evicts every other block first."""
+    ram.evict(1 << 62)
+    return ram.used_bytes
 
 
 class ThreadServer:
@@ -78,10 +100,11 @@ def child_env() -> dict[str, str]:
 
 @contextmanager
 def process_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``python -m tests.transport.serve_arena ARGS`` in a child process; yields (process, port)."""
+    """``kvfabric serve --port 0 ARGS`` (RAM only unless ARGS name a data dir) in a child process; yields
+    (process, port)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.transport.serve_arena", *args], cwd=ROOT, env=child_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "kvfabric", "serve", "--port", "0", "--log-level", "WARNING", *args], cwd=ROOT,
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -91,7 +114,7 @@ def process_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
             if match := re.search(r"listening on [\d.]+:(\d+)", line):
                 break
         else:
-            raise RuntimeError(f"test server exited before listening: {''.join(seen)}")
+            raise RuntimeError(f"kvfabric serve exited before listening: {''.join(seen)}")
         yield proc, int(match.group(1))
     finally:
         proc.terminate()

@@ -11,16 +11,16 @@ import pytest
 from kvfabric.client import Client
 from kvfabric.errors import AuthError
 from kvfabric.hashing import root_hash
+from kvfabric.store.tiered import TieredStore
 from kvfabric.transport import frames as fr
 from tests.blocks import SPEC
-from tests.transport.arena_store import ArenaStore
 from tests.transport.servers import ThreadServer, thread_server
 
 TOKENS = {"token-a": "tenant-a", "token-b": "tenant-b"}
 
 
 @pytest.fixture
-def secured(store: ArenaStore) -> Iterator[ThreadServer]:
+def secured(store: TieredStore) -> Iterator[ThreadServer]:
     with thread_server(store, tokens=TOKENS, nixl=False) as srv:
         yield srv
 
@@ -83,11 +83,11 @@ def raw_exchange(port: int, data: bytes) -> list[fr.Frame]:
     return frames
 
 
-def test_requests_before_hello_are_refused_before_any_work(secured: ThreadServer, store: ArenaStore) -> None:
+def test_requests_before_hello_are_refused_before_any_work(secured: ThreadServer, store: TieredStore) -> None:
     model = SPEC.fingerprint()
     h = bytes(32)
     meta = fr.WireMeta(h, SPEC.dtype, SPEC.block_shape, SPEC.block_size)
-    calls = store.calls
+    work = store.tier_stats()  # hits, misses, puts, deletes...
     for data in (
         fr.encode_get(1, model, [h]),
         fr.encode_keys(1, "delete", model, [h]),
@@ -96,5 +96,5 @@ def test_requests_before_hello_are_refused_before_any_work(secured: ThreadServer
     ):
         frames = raw_exchange(secured.port, data)
         assert frames == [fr.Error(0, "auth", frames[0].message)], frames  # type: ignore[union-attr]
-    assert store.calls == calls
+    assert store.tier_stats() == work
     assert secured.server.counters.auth_failures == 4

@@ -21,11 +21,15 @@ from hypothesis import strategies as st
 from kvfabric.client import Client
 from kvfabric.client.sync_conn import SyncConnection
 from kvfabric.errors import ClientError
+from kvfabric.ids import TierId
+from kvfabric.store.memory import MemoryTier
+from kvfabric.store.tiered import TieredStore
 from kvfabric.transport import frames as fr
 from kvfabric.transport import nixl as nixl_transport
 from tests.blocks import SPEC
-from tests.transport.arena_store import ArenaStore
-from tests.transport.servers import ROOT, ThreadServer, child_env, process_server, thread_server
+from tests.transport.servers import (
+    ROOT, ThreadServer, child_env, held_bytes, open_store, process_server, thread_server,
+)  # fmt: skip
 
 TOKENS = np.arange(4 * SPEC.block_size)
 
@@ -68,14 +72,15 @@ def test_fuzzed_connections_never_hurt_other_clients(server: ThreadServer, parts
             pass  # a truncated frame: the server waits for the rest, which is fine
 
 
-def test_server_survives_fuzzing_and_keeps_serving(server: ThreadServer, store: ArenaStore) -> None:
+def test_server_survives_fuzzing_and_keeps_serving(server: ThreadServer, ram: MemoryTier) -> None:
     with Client(server.url, shm=False) as c:
         c.put(SPEC, TOKENS, kv(4))
         before = rss_kib()
         for i in range(300):
             junk = np.random.default_rng(i).integers(0, 256, size=200, dtype=np.uint8).tobytes()
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-                s.sendall(valid[0][: i % 40] + junk if i % 2 else fr.HEADER.pack(fr.MAGIC, 1, fr.OP_PUT, 10, 1, 1 << 40))
+                bad = valid[0][: i % 40] + junk if i % 2 else fr.HEADER.pack(fr.MAGIC, 1, fr.OP_PUT, 10, 1, 1 << 40)
+                s.sendall(bad)
             if i % 50 == 0:
                 assert np.array_equal(np.stack(c.get_blocks(SPEC, c.block_hashes(SPEC, TOKENS))), kv(4))
         deadline = time.monotonic() + 10
@@ -83,7 +88,7 @@ def test_server_survives_fuzzing_and_keeps_serving(server: ThreadServer, store: 
             time.sleep(0.05)
         assert server.sync(lambda: len(server.server._connections)) == 1  # only the good client is left
         assert rss_kib() - before < 32 * 1024  # the 1 TiB payload claim was refused, not allocated
-        assert store.leases_held == 0
+        assert held_bytes(ram) == 0
         assert server.server.counters.protocol_errors > 0
 
 
@@ -104,7 +109,7 @@ def test_oversized_and_invalid_requests_get_per_request_errors(server: ThreadSer
         conn.close()
 
 
-def test_shm_lease_keeps_block_until_released(server: ThreadServer, store: ArenaStore) -> None:
+def test_shm_lease_keeps_block_until_released(server: ThreadServer, ram: MemoryTier) -> None:
     with Client(server.url) as c:
         assert c.transport == "shm"
         c.put(SPEC, TOKENS, kv(4))
@@ -121,12 +126,36 @@ def test_shm_lease_keeps_block_until_released(server: ThreadServer, store: Arena
         c.put(SPEC, other, kv(4, seed=9))
         for i in range(40):
             c.put(SPEC, np.arange(1000 + i * 64, 1000 + (i + 1) * 64), kv(4, seed=i + 10))
-        assert store.leases_held >= 4
+        assert held_bytes(ram) >= 4 * SPEC.block_nbytes
         assert bytes(arena.view(first.offset, first.meta.nbytes)) == kv(4)[0].tobytes()
         conn.send_oneway(fr.encode_release(conn.next_id(), [e.lease_id for e in leases.entries]))
         conn.request(fr.encode_stats(conn.next_id()))  # the release was handled before this reply
-        assert store.leases_held == 0
+        assert held_bytes(ram) == 0
         conn.close()
+
+
+def test_blocks_below_ram_are_promoted_and_served_over_tcp_and_shm(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        with thread_server(store, nixl=False) as srv, Client(srv.url, shm=False) as tcp, Client(srv.url) as local:
+            assert tcp.put(SPEC, TOKENS, kv(4)) == 4
+            hashes = tcp.block_hashes(SPEC, TOKENS)
+            srv.sync(lambda: store.evict(TierId("ram"), 1 << 62))
+            assert tcp.lookup(SPEC, TOKENS).tiers == ("disk",) * 4
+            assert np.array_equal(np.stack(tcp.get_blocks(SPEC, hashes[:2])), kv(4)[:2])
+            assert local.transport == "shm"
+            assert np.array_equal(np.stack(local.get_blocks(SPEC, hashes[2:])), kv(4)[2:])
+            assert tcp.lookup(SPEC, TOKENS).tiers == ("ram",) * 4  # promoted by the reads
+            assert tcp.get_blocks(SPEC, [bytes(32)]) == [None]
+            srv.sync(lambda: store.evict(TierId("ram"), 1 << 62))
+            conn = SyncConnection(local.endpoint, local.options)
+            leases = conn.request(fr.encode_lease(conn.next_id(), SPEC.fingerprint(), [*hashes, bytes(32)]))
+            assert isinstance(leases, fr.Leases)  # promoted into the arena and leased, not sent "elsewhere"
+            assert [type(e) for e in leases.entries] == [fr.Lease] * 4 + [type(None)]
+            conn.send_oneway(fr.encode_release(conn.next_id(), [e.lease_id for e in leases.entries[:4]]))
+            conn.close()
+    finally:
+        store.close()
 
 
 CRASHER = textwrap.dedent(
@@ -147,20 +176,20 @@ CRASHER = textwrap.dedent(
 )
 
 
-def test_crashed_client_leaks_no_leases(server: ThreadServer, store: ArenaStore) -> None:
+def test_crashed_client_leaks_no_leases(server: ThreadServer, ram: MemoryTier) -> None:
     with Client(server.url, shm=False) as c:
         c.put(SPEC, TOKENS, kv(4))
     out = subprocess.run([sys.executable, "-c", CRASHER, server.url], env=child_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == -signal.SIGKILL and out.stdout.strip() == "4", out.stderr
     deadline = time.monotonic() + 10
-    while store.leases_held and time.monotonic() < deadline:
+    while held_bytes(ram) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert store.leases_held == 0
+    assert held_bytes(ram) == 0
 
 
 def test_clients_in_other_processes(tmp_path: Path) -> None:
-    with process_server("--slots", "16") as (_, port), Client(f"kvfabric://127.0.0.1:{port}") as c:
+    with process_server("--ram-bytes", str(16 << 20)) as (_, port), Client(f"kvfabric://127.0.0.1:{port}") as c:
         assert c.transport == "shm"
         assert c.put(SPEC, TOKENS, kv(4)) == 4
         assert np.array_equal(np.stack(c.get_blocks(SPEC, c.block_hashes(SPEC, TOKENS))), kv(4))
@@ -189,7 +218,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_tls(store: ArenaStore, tmp_path: Path) -> None:
+def test_tls(store: TieredStore, tmp_path: Path) -> None:
     from kvfabric.transport.tls import client_context, server_context
 
     cert, key = self_signed(tmp_path)
@@ -206,22 +235,26 @@ nixl_missing = nixl_transport.load_api()[0] is None
 
 
 @pytest.mark.skipif(nixl_missing, reason="NIXL is not installed (pip install 'kvfabric[nixl]')")
-def test_nixl_get(store: ArenaStore) -> None:
+def test_nixl_get(store: TieredStore, ram: MemoryTier) -> None:
     with thread_server(store, nixl=True) as srv, Client(srv.url, nixl=True) as c:
+        with Client(srv.url, shm=False) as tcp:
+            assert tcp.session.nixl and tcp.transport == "tcp"
+            assert srv.sync(lambda: srv.server.nixl) is None  # offered, but started only for a client that asks
         assert c.transport == "nixl"
+        assert srv.sync(lambda: srv.server.nixl) is not None
         c.put(SPEC, TOKENS, kv(4))
         out = [np.zeros(SPEC.block_nbytes, dtype=np.uint8) for _ in range(4)]
         c.get_blocks(SPEC, c.block_hashes(SPEC, TOKENS), out)
         assert np.array_equal(np.stack(out), kv(4))
         c.stats()  # on the same pooled connection, after the one-way release
-        assert store.leases_held == 0
+        assert held_bytes(ram) == 0
 
 
-def test_nixl_falls_back_to_tcp_with_a_log_line(store: ArenaStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_nixl_falls_back_to_tcp_with_a_log_line(store: TieredStore, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(nixl_transport, "_API_MODULES", ("kvfabric_no_such_nixl_module",))
     caplog.set_level(logging.INFO)
     with thread_server(store, nixl=True) as srv:
-        assert srv.server.nixl is None
+        assert not srv.server.nixl_offered
         with Client(srv.url, nixl=True) as c:
             assert c.transport == "tcp"
             c.put(SPEC, TOKENS, kv(4))

@@ -59,7 +59,7 @@ def test_concurrent_clients_mixed_get_put() -> None:
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    with process_server("--slots", "4096", "--slot-bytes", str(SPEC.block_nbytes)) as (_, port):
+    with process_server("--ram-bytes", str(4096 * SPEC.block_nbytes)) as (_, port):
         url = f"kvfabric://127.0.0.1:{port}"
         deadline = time.monotonic() + duration
         threads = [threading.Thread(target=worker, args=(url, i, deadline)) for i in range(CLIENTS)]

@@ -1,0 +1,32 @@
+"""``bench/transport.py`` runs end to end on small blocks and prints the agreed JSON rows (figures are not checked:
+speed is the benchmark's business, not a test's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.transport.servers import ROOT, child_env
+
+KEYS = {"metric", "size", "against", "value", "baseline", "ratio", "blocks_per_call"}
+
+
+def test_transport_bench_prints_rows_for_every_path() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/transport.py", "--json", "--sizes", "256KiB", "--seconds", "0.2", "--slices", "2",
+         "--peers", "none"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all(set(r) == KEYS and r["size"] == 256 << 10 and r["value"] > 0 and r["baseline"] > 0 for r in rows)
+    pairs = {(r["metric"], r["against"]) for r in rows}
+    assert {("get", "socket"), ("put", "socket"), ("get_shm", "memcpy")} <= pairs
+    assert "load average at start" in out.stderr
+
+
+def test_transport_bench_refuses_unknown_peers() -> None:
+    out = subprocess.run([sys.executable, "bench/transport.py", "--peers", "memcached"], cwd=ROOT, env=child_env(),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "unknown peers ['memcached']" in out.stderr
