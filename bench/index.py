@@ -14,7 +14,12 @@ same run on the same input, ``ratio = value / baseline``):
   ``--blocks`` entries.
 - ``route_ms``: one kvfabric TTFT decision for a ``--request-tokens`` request (``--block-size`` tokens a block)
   across ``--engines`` engines with ``--blocks`` indexed blocks, 20% of the engines holding prefixes of the request
-  at random depths and a fabric node holding it in RAM and disk. Lower is better (so a ratio < 1 is a win).
+  at random depths and a fabric node holding it in RAM and disk; the engines' loads given as a list of
+  ``EngineLoad`` (converted per decision). Lower is better (so a ratio < 1 is a win).
+- ``service_route_ms``: the same decision through ``IndexService.route(hashes=...)`` over registered engines (what
+  ``POST /v1/route`` does below HTTP): the service keeps the engines' loads as columns, updated as they report.
+- ``chain_hash_ms``: hashing the request's tokens into its chain (``kvfabric.hashing.prefix_hashes``), which a
+  request given as ``tokens`` pays before routing; baseline: chaining ``block_hash`` block by block.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from kvfabric.events import BlockStored, KVEvent, decode_batch, encode_batch
+from kvfabric.hashing import block_hash, prefix_hashes, root_hash
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
 from kvfabric.index.prefix_index import PrefixIndex
 from kvfabric.index.router import Calibration, EngineLoad, RouteRequest, TTFTRouter
+from kvfabric.index.service import IndexService
 
 NS = Namespace("bench")
 FP = ModelFingerprint(b"\x42" * 32)
@@ -130,12 +137,13 @@ def _apply_wire(index: PrefixIndex | NaiveIndex, batches: list[bytes]) -> None:
 
 
 def build_world(
-    n_blocks: int, n_engines: int, chain_len: int, seed: int = 7
+    n_blocks: int, n_engines: int, chain_len: int, seed: int = 7, idx: PrefixIndex | None = None
 ) -> tuple[PrefixIndex, NaiveIndex, list[PrefixHash], list[EngineLoad]]:
     """``n_blocks`` indexed blocks over ``n_engines`` engines plus one fabric node; the request chain's blocks
-    are held by 20% of the engines at random depths and by the node (RAM for the first half, disk for all)."""
+    are held by 20% of the engines at random depths and by the node (RAM for the first half, disk for all).
+    Built into ``idx`` when given (an ``IndexService``'s own index)."""
     rng = random.Random(seed)
-    idx = PrefixIndex()
+    idx = PrefixIndex() if idx is None else idx
     naive = NaiveIndex()
     chain = [key((1 << 200) + i) for i in range(chain_len)]
     holders = rng.sample(range(n_engines), max(1, n_engines // 5))
@@ -158,8 +166,10 @@ def build_world(
 
 def bench_lookups(n_blocks: int, n_engines: int, request_tokens: int, block_size: int) -> list[dict[str, object]]:
     chain_len = request_tokens // block_size
+    cal = Calibration(prefill_tokens_per_s=10_000.0)
+    service = IndexService(cal)
     t0 = time.perf_counter()
-    idx, naive, chain, engines = build_world(n_blocks, n_engines, chain_len)
+    idx, naive, chain, engines = build_world(n_blocks, n_engines, chain_len, idx=service.index)
     build_s = time.perf_counter() - t0
     size = f"{n_engines} engines, {len(idx):,} blocks, {chain_len}-block request"
     out = []
@@ -173,15 +183,20 @@ def bench_lookups(n_blocks: int, n_engines: int, request_tokens: int, block_size
     out.append(row("probes_per_s", size, walks * probed / t, walks * naive.walk(chain) / tb,
                    f"PrefixIndex.walk ({probed} hashes a walk) vs set intersection along the chain"))  # fmt: skip
 
-    cal = Calibration(prefill_tokens_per_s=10_000.0)
     router = TTFTRouter(idx, cal)
     request = RouteRequest(NS, FP, chain, request_tokens, block_size)
-    router.route(request, engines)  # warm the tier-mask cache, as a long-running router would be
-    samples = []
-    for _ in range(30):
-        t = time.perf_counter()
-        router.route(request, engines)
-        samples.append((time.perf_counter() - t) * 1e3)
+    for e in engines:
+        service.report_load(e)
+    decision = router.route(request, engines)  # warm the tier-mask caches, as a long-running router would be
+    assert (
+        service.route(NS, FP, hashes=chain, num_tokens=request_tokens, block_size=block_size).local_blocks
+        == decision.local_blocks
+    )  # the same decision (ties may rotate to another engine of equal cost)
+    # The two ways are timed alternately, so both see the same moments of a shared, noisy machine.
+    samples, service_samples = _route_samples(
+        lambda: router.route(request, engines),
+        lambda: service.route(NS, FP, hashes=chain, num_tokens=request_tokens, block_size=block_size),
+    )
 
     def naive_route() -> None:
         best = min(range(len(engines)), key=lambda j: engines[j].pending_prefill_tokens / cal.prefill_tokens_per_s
@@ -191,10 +206,44 @@ def bench_lookups(n_blocks: int, n_engines: int, request_tokens: int, block_size
 
     tb = timed(naive_route) * 1e3
     med = statistics.median(samples)
-    out.append(row("route_ms", size, med, tb, f"median of 30 (p90 {sorted(samples)[26]:.3f} ms); "
+    out.append(row("route_ms", size, med, tb, f"median of {len(samples)} (p90 {_p90(samples):.3f} ms); "
                    f"baseline: per-engine depth scan of a dict-of-sets index, no fabric; index built in "
                    f"{build_s:.1f} s"))  # fmt: skip
+
+    out.append(row("service_route_ms", size, statistics.median(service_samples), tb,
+                   f"median of {len(service_samples)} (p90 {_p90(service_samples):.3f} ms); IndexService.route over "
+                   f"registered engines; same baseline"))  # fmt: skip
+
+    tokens = random.Random(3).choices(range(128_000), k=request_tokens)
+    root = root_hash(FP, b"tenant salt")
+
+    def chained() -> None:
+        parent = root
+        for i in range(chain_len):
+            parent = block_hash(parent, tokens[i * block_size : (i + 1) * block_size])
+
+    assert prefix_hashes(root, tokens, block_size)[-1] == block_hash(
+        prefix_hashes(root, tokens, block_size)[-2], tokens[(chain_len - 1) * block_size : chain_len * block_size]
+    )
+    out.append(row("chain_hash_ms", f"{request_tokens:,} tokens, {chain_len} blocks",
+                   timed(lambda: prefix_hashes(root, tokens, block_size)) * 1e3, timed(chained) * 1e3,
+                   "prefix_hashes over a list of ints vs block_hash per block"))  # fmt: skip
     return out
+
+
+def _route_samples(*decide: Callable[[], object], n: int = 300) -> list[list[float]]:
+    """``n`` timings in ms of each of ``decide``, taken in turn."""
+    samples: list[list[float]] = [[] for _ in decide]
+    for _ in range(n):
+        for fn, out in zip(decide, samples, strict=True):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return samples
+
+
+def _p90(samples: list[float]) -> float:
+    return sorted(samples)[int(0.9 * len(samples))]
 
 
 def row(metric: str, size: object, value: float, baseline: float, note: str) -> dict[str, object]:

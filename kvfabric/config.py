@@ -26,6 +26,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -296,13 +297,44 @@ def _default_bandwidth() -> dict[str, int]:
     return {"gpu": 200 << 30, "ram": 20 << 30, "disk": 3 << 30, "object": 500 << 20}
 
 
+class VllmEngineSettings(_Section):
+    """One vLLM engine whose KV events (``--kv-events-config``, ZMQ) the node's index subscribes to."""
+
+    engine: str = Field(min_length=1, max_length=255)
+    """The engine's name as a routing target (what ``POST /v1/route`` answers)."""
+    endpoint: str = Field(min_length=1)
+    """ZMQ endpoint of the engine's event publisher, e.g. ``tcp://10.0.0.5:5557``."""
+    bind: bool = False
+    """false: connect to the engine, whose publisher binds (vLLM's default); true: bind ``endpoint`` here and let
+    the engine connect."""
+    namespace: NamespaceName = "default"
+    """The tenant whose key space the engine's blocks belong to (their hashes take that tenant's salt)."""
+    model: dict[str, Any]
+    """The engine's ``ModelSpec`` fields (model, num_layers, kv_heads, head_dim, dtype, block_size, ...): blocks are
+    re-keyed to kvfabric hashes of this model."""
+
+    @field_validator("model")
+    @classmethod
+    def _model_spec(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from kvfabric.spec import ModelSpec
+
+        try:
+            ModelSpec.from_dict(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid model spec: {exc}") from exc
+        return v
+
+
 class IndexSettings(_Section):
     """Router calibration: predicted TTFT = queueing + prefill of unmatched tokens + load time of matched blocks."""
 
     prefill_tokens_per_s: float = Field(8000.0, gt=0)
     """Prefill throughput of one engine, tokens per second."""
     tier_bandwidth: dict[str, PositiveSize] = Field(default_factory=_default_bandwidth)
-    """Load bandwidth per tier in bytes per second (sizes: ``"3GiB"`` means 3 GiB/s)."""
+    """Load bandwidth per tier in bytes per second (sizes: ``"3GiB"`` means 3 GiB/s). ``gpu`` is not a fabric
+    medium (engines' own caches count as their local prefix), so the router loads only from the other tiers."""
+    vllm_engines: tuple[VllmEngineSettings, ...] = ()
+    """vLLM engines whose KV events feed the index (their GPU caches become routable)."""
 
 
 # --- the whole thing ---------------------------------------------------------------------------------------------

@@ -79,17 +79,32 @@ def prefix_hashes(
     """Hashes of every *full* block of ``tokens``: ``len(tokens) // block_size`` of them.
 
     ``extras[i]`` (LoRA id, multimodal content hashes; see :func:`encode_extra`) enters block i's hash.
+    Same bytes as chaining :func:`block_hash`, but the tokens are checked and converted once, not per block.
     """
     if block_size <= 0:
         raise ValueError("block_size must be positive")
-    arr = np.asarray(tokens)
-    n_blocks = len(arr) // block_size
+    if len(root) != HASH_BYTES:
+        raise ValueError(f"parent hash must be {HASH_BYTES} bytes")
+    n_blocks = len(tokens) // block_size
     if extras is not None and len(extras) < n_blocks:
         raise ValueError(f"{len(extras)} extras given for {n_blocks} blocks")
+    data = memoryview(_token_bytes(tokens[: n_blocks * block_size]))
+    step = 4 * block_size
+    count = block_size.to_bytes(4, "little")
+    no_extra = (0).to_bytes(4, "little")
+    blake2b = hashlib.blake2b
     out: list[PrefixHash] = []
     parent = root
     for i in range(n_blocks):
-        parent = block_hash(parent, arr[i * block_size : (i + 1) * block_size], extras[i] if extras else b"")
+        h = blake2b(parent, digest_size=HASH_BYTES)
+        h.update(count)
+        h.update(data[i * step : (i + 1) * step])
+        if extras and extras[i]:
+            h.update(len(extras[i]).to_bytes(4, "little"))
+            h.update(extras[i])
+        else:
+            h.update(no_extra)
+        parent = PrefixHash(h.digest())
         out.append(parent)
     return out
 

@@ -79,3 +79,18 @@ def test_golden_vectors_match_docs() -> None:
         "h0_unsalted_lora": block_hash(root_hash(fp), TOKENS[:16], encode_extra(lora_id="adapter-1")).hex(),
     }  # fmt: skip
     assert computed == golden
+
+
+def test_prefix_hashes_equal_chained_block_hashes_with_extras_and_a_partial_tail() -> None:
+    r = root_hash(SPEC.fingerprint(), b"salt")
+    tokens = list(range(1000, 1000 + 16 * 5 + 7))  # five full blocks and a partial one
+    extras = [b"", encode_extra(lora_id="l1"), b"", encode_extra(mm_hashes=[b"\x01" * 32]), b""]
+    expected, parent = [], r
+    for i in range(5):
+        parent = block_hash(parent, tokens[i * 16 : (i + 1) * 16], extras[i])
+        expected.append(parent)
+    assert prefix_hashes(r, tokens, 16, extras) == expected
+    assert prefix_hashes(r, np.array(tokens, dtype=np.uint32), 16, extras) == expected
+    assert prefix_hashes(r, tokens, 16)[0] == block_hash(r, tokens[:16])
+    with pytest.raises(ValueError):
+        prefix_hashes(r, [*tokens[:15], -1], 16)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress
-from operator import and_, ne
+from itertools import accumulate, compress, repeat
+from operator import add, and_, eq, ne, rshift, sub, xor
 
 from kvfabric.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
@@ -47,16 +47,41 @@ class SourceMatch:
     """``(medium, leading blocks held in that medium)``, deepest first; media with no leading block are left out."""
 
 
+NO_TIER = 255
+"""Tier code of a walked position that no tier mask holds (see :attr:`ChainWalk.codes`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ChainWalk:
-    """Result of :meth:`PrefixIndex.walk`: the raw material of a routing decision."""
+    """Result of :meth:`PrefixIndex.walk`: the raw material of a routing decision, in the compact form the router
+    vectorises (bit numbers, depths, one byte per position); :attr:`depths` and :attr:`tiers` are the readable view.
+    """
 
-    depths: dict[str, int]
-    """Leading blocks held by each source (union of its media); sources matching nothing are absent."""
-    tiers: list[int]
-    """For each position walked, the index in ``tier_masks`` of the first mask holding the block, or -1."""
+    bits: list[int]
+    """Location bits (of the tracked sources) holding at least the first block of the chain."""
+    bit_depths: list[int]
+    """For each of :attr:`bits`, the leading blocks its source holds (over the union of the source's media)."""
+    codes: bytes
+    """For each position walked, the index in ``tier_masks`` of the first mask holding the block, or ``NO_TIER``."""
     probed: int
     """Hashes looked up (the walk stops once nothing can extend any match)."""
+    locations: tuple[Location | None, ...]
+    """Bit number -> location when the walk ran (to name the sources of :attr:`bits`)."""
+
+    @property
+    def depths(self) -> dict[str, int]:
+        """Leading blocks held by each source (union of its media); sources matching nothing are absent."""
+        out: dict[str, int] = {}
+        for bit, depth in zip(self.bits, self.bit_depths, strict=True):
+            loc = self.locations[bit]
+            if loc is not None:
+                out[loc.source] = depth
+        return out
+
+    @property
+    def tiers(self) -> list[int]:
+        """:attr:`codes` as ints, -1 where no tier holds the block."""
+        return [-1 if c == NO_TIER else c for c in self.codes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +101,7 @@ class PrefixIndex:
     __slots__ = (
         "_bits",
         "_bitval",
+        "_by_bit",
         "_counts",
         "_epoch",
         "_free",
@@ -84,6 +110,7 @@ class PrefixIndex:
         "_locations",
         "_retired",
         "_scopes",
+        "_tier_tables",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -98,6 +125,8 @@ class PrefixIndex:
         self._free: list[int] = []  # swept bit numbers ready for reuse
         self._groups: list[int] = []  # masks of sources with more than one live medium
         self._epoch = 0  # bumped whenever the set of locations changes (callers cache masks by it)
+        self._by_bit: tuple[Location | None, ...] | None = None  # snapshot of _locations for this epoch
+        self._tier_tables: dict[tuple[int, ...], bytes] = {}  # walk's tier-code tables, by tier masks
 
     # --- locations -------------------------------------------------------------------------------------------------
     @property
@@ -122,6 +151,7 @@ class PrefixIndex:
 
     def _location_changed(self) -> None:
         self._epoch += 1
+        self._by_bit = None
         by_source: dict[str, int] = {}
         multi: set[str] = set()
         for (source, _), bit in self._bits.items():
@@ -132,6 +162,12 @@ class PrefixIndex:
 
     def locations(self) -> list[Location]:
         return [loc for loc in self._locations if loc is not None]
+
+    def locations_by_bit(self) -> tuple[Location | None, ...]:
+        """Bit number -> live location (``None`` for a removed or free bit); valid within one :attr:`epoch`."""
+        if self._by_bit is None:
+            self._by_bit = tuple(self._locations)
+        return self._by_bit
 
     def sources(self) -> list[str]:
         return sorted({loc.source for loc in self.locations()})
@@ -285,12 +321,14 @@ class PrefixIndex:
         and, per position, the first of ``tier_masks`` holding the block. Stops at the first block that neither a
         still-matching source nor any tier mask holds.
 
-        The chain is fetched in growing chunks and the running AND is taken by ``itertools.accumulate``, so the
-        per-block work is one ``dict.get`` and C-level int operations; Python-level work happens only where a
-        source drops out."""
+        The chain is fetched in growing chunks (``map`` over ``dict.get``) and the running AND is taken by
+        ``itertools.accumulate``, so the per-block work is C-level; Python-level work happens only where a source
+        drops out. At most 254 tier masks (codes are bytes)."""
+        if len(tier_masks) >= NO_TIER:
+            raise ValueError(f"at most {NO_TIER - 1} tier masks")
         table = self._scopes.get((namespace, model))
         if table is None or not chain:
-            return ChainWalk({}, [], 0)
+            return ChainWalk([], [], b"", 0, ())
         get = table.get
         run = self._live if sources_mask is None else self._live & sources_mask
         groups = [g for g in self._groups if g & run]
@@ -298,21 +336,23 @@ class PrefixIndex:
         for tm in tier_masks:
             any_tier |= tm
         masks: list[int] = []
-        dropped_at: list[tuple[int, int]] = []  # (bits that stopped matching, depth they reached)
+        drop_masks: list[int] = []  # bits that stopped matching ...
+        drop_depths: list[int] = []  # ... and the depth they reached
         n = len(chain)
         pos = 0
         step = 16
         stop = n  # position of the first block nobody useful holds
         while pos < n and run:
-            chunk = [get(h, 0) for h in chain[pos : pos + step]]
+            chunk = list(map(get, chain[pos : pos + step], repeat(0)))
             spread = chunk if not groups else [_spread(m, groups) for m in chunk]
             acc = list(accumulate(spread, and_, initial=run))
             if acc[-1] != run:
-                for k in compress(range(len(chunk)), map(ne, acc, acc[1:])):
-                    dropped_at.append((acc[k] ^ acc[k + 1], pos + k))
+                at = list(compress(range(len(chunk)), map(ne, acc, acc[1:])))
+                drop_masks += map(xor, map(acc.__getitem__, at), map(acc.__getitem__, map(add, at, repeat(1))))
+                drop_depths += map(add, at, repeat(pos))
                 run = acc[-1]
             if run:
-                masks.extend(chunk)
+                masks += chunk
                 pos += len(chunk)
                 step = min(step * 2, 512)
                 continue
@@ -321,31 +361,36 @@ class PrefixIndex:
                 if not chunk[k] & any_tier:
                     stop = pos + k
                     break
-            masks.extend(chunk[:k] if stop < n else chunk)
+            masks += chunk[:k] if stop < n else chunk
             pos += len(chunk)
         while pos < n and stop == n:
-            chunk = [get(h, 0) for h in chain[pos : pos + step]]
-            for k, m in enumerate(chunk):
-                if not m & any_tier:
-                    stop = pos + k
-                    break
-            masks.extend(chunk if stop == n else chunk[: stop - pos])
-            pos += len(chunk)
+            chunk = list(map(get, chain[pos : pos + step], repeat(0)))
+            held = list(map(and_, chunk, repeat(any_tier)))
+            if 0 in held:
+                k = held.index(0)
+                stop = pos + k
+                chunk = chunk[:k]
+            masks += chunk
+            pos += step
             step = min(step * 2, 512)
         if run:
-            dropped_at.append((run, n))
-        depths: dict[str, int] = {}
-        locations = self._locations
-        for mask, depth in dropped_at:
-            if not depth:
-                continue
-            while mask:
-                low = mask & -mask
-                loc = locations[low.bit_length() - 1]
-                if loc is not None:
-                    depths[loc.source] = depth
-                mask ^= low
-        return ChainWalk(depths, _first_tier(masks, tier_masks), min(stop + 1, n))
+            drop_masks.append(run)
+            drop_depths.append(n)
+        if drop_depths and not drop_depths[0]:  # sources holding not even the first block
+            del drop_masks[0], drop_depths[0]
+        if all(map(eq, map(int.bit_count, drop_masks), repeat(1))):  # one source a drop: the usual case
+            bits = list(map(sub, map(int.bit_length, drop_masks), repeat(1)))
+            depths = drop_depths
+        else:
+            bits, depths = [], []
+            for mask, depth in zip(drop_masks, drop_depths, strict=True):
+                while mask:
+                    low = mask & -mask
+                    bits.append(low.bit_length() - 1)
+                    depths.append(depth)
+                    mask ^= low
+        codes = _first_tier(masks, tier_masks, self._tier_tables)
+        return ChainWalk(bits, depths, codes, min(stop + 1, n), self.locations_by_bit())
 
     def match(self, namespace: Namespace, model: ModelFingerprint, chain: Sequence[PrefixHash]) -> list[SourceMatch]:
         """For each source matching at least one leading block: its depth overall and per medium, deepest first."""
@@ -413,17 +458,35 @@ def _spread(m: int, groups: list[int]) -> int:
     return m
 
 
-def _first_tier(masks: list[int], tier_masks: Sequence[int]) -> list[int]:
-    """For each mask, the index of the first tier mask it intersects, or -1 (comprehensions: ~60 ns a block)."""
+def _first_tier(masks: list[int], tier_masks: Sequence[int], tables: dict[tuple[int, ...], bytes]) -> bytes:
+    """For each mask, the index of the first tier mask it intersects, or ``NO_TIER``. ``tables`` caches the byte
+    tables of the fast path by tier masks."""
     if not tier_masks:
-        return [-1] * len(masks)
+        return bytes([NO_TIER]) * len(masks)
+    any_tier = 0
+    for tm in tier_masks:
+        any_tier |= tm
+    low = (any_tier & -any_tier).bit_length() - 1 if any_tier else 0
+    if any_tier >> low < 256:
+        # All tier bits within one byte (a node's tiers, whose bits are usually the first ones): one C-level pass
+        # takes each block's tier bits into a byte, and a 256-entry table names the fastest tier of each pattern.
+        key = tuple(tier_masks)
+        table = tables.get(key)
+        if table is None:
+            if len(tables) >= 64:
+                tables.clear()
+            table = tables[key] = bytes(
+                next((k for k, tm in enumerate(tier_masks) if (p << low) & tm), NO_TIER) for p in range(256)
+            )
+        held = map(and_, masks, repeat(any_tier))
+        return bytes(map(rshift, held, repeat(low)) if low else held).translate(table)
     if len(tier_masks) == 1:
         (t0,) = tier_masks
-        return [0 if m & t0 else -1 for m in masks]
+        return bytes([0 if m & t0 else NO_TIER for m in masks])
     if len(tier_masks) == 2:
         t0, t1 = tier_masks
-        return [0 if m & t0 else 1 if m & t1 else -1 for m in masks]
+        return bytes([0 if m & t0 else 1 if m & t1 else NO_TIER for m in masks])
     if len(tier_masks) == 3:
         t0, t1, t2 = tier_masks
-        return [0 if m & t0 else 1 if m & t1 else 2 if m & t2 else -1 for m in masks]
-    return [next((k for k, tm in enumerate(tier_masks) if m & tm), -1) for m in masks]
+        return bytes([0 if m & t0 else 1 if m & t1 else 2 if m & t2 else NO_TIER for m in masks])
+    return bytes([next((k for k, tm in enumerate(tier_masks) if m & tm), NO_TIER) for m in masks])

@@ -15,15 +15,21 @@ request/decision types, so the simulator and the HTTP endpoint can swap them by 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from operator import attrgetter
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from kvfabric.errors import ConfigError
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
-from kvfabric.index.prefix_index import PrefixIndex
+from kvfabric.index.prefix_index import NO_TIER, PrefixIndex
+
+if TYPE_CHECKING:
+    from kvfabric.config import IndexSettings
+
+GPU_MEDIUM = TierId("gpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,13 @@ class Calibration:
             kwargs["tiers"] = tuple(TierSpeed(TierId(str(m)), float(bw)) for m, bw in tiers.items())
         return cls(**kwargs)  # type: ignore[arg-type]
 
+    @classmethod
+    def from_settings(cls, settings: IndexSettings) -> Calibration:
+        """From the node's ``[index]`` settings. ``gpu`` bandwidth is left out: engines' own caches are their local
+        prefix, not a medium another engine loads from."""
+        tiers = {m: bw for m, bw in settings.tier_bandwidth.items() if m != GPU_MEDIUM}
+        return cls.from_mapping({"prefill_tokens_per_s": settings.prefill_tokens_per_s, "tiers": tiers})
+
 
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
@@ -99,10 +112,15 @@ class RouteRequest:
     chain: Sequence[PrefixHash]
     num_tokens: int
     block_size: int
+    block_bytes: int | None = None
+    """KV bytes of one block of this model (``ModelSpec.block_nbytes``); default: the calibration's
+    ``kv_bytes_per_token`` times ``block_size``."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError("block_size must be positive")
+        if self.block_bytes is not None and self.block_bytes <= 0:
+            raise ValueError("block_bytes must be positive")
         if self.chain and self.num_tokens <= (len(self.chain) - 1) * self.block_size:
             raise ValueError(f"{len(self.chain)} blocks of {self.block_size} tokens exceed {self.num_tokens} tokens")
 
@@ -122,28 +140,102 @@ class RouteDecision:
     """Blocks to load per medium."""
 
 
+class EngineTable:
+    """Candidate engines' loads as columns, the form the routers score.
+
+    Built from a sequence of :class:`EngineLoad` (every policy accepts either), or kept by the owner and updated in
+    place as engines report (:meth:`update`, O(1)), so a decision over a stable set of engines does no per-engine
+    Python work. Membership is fixed; a new or departed engine means a new table."""
+
+    __slots__ = ("_decode", "_loads", "_pos", "names", "pending", "rate")
+
+    def __init__(self, engines: Iterable[EngineLoad]) -> None:
+        loads = list(engines)
+        self._loads = loads
+        self.names: tuple[str, ...] = tuple(map(attrgetter("engine"), loads))
+        self._pos: dict[str, int] | None = None
+        if len(set(self.names)) != len(self.names):
+            dup = next(name for name in self.names if self.names.count(name) > 1)
+            raise ValueError(f"engine {dup!r} is listed twice")
+        self.pending = np.array(list(map(attrgetter("pending_prefill_tokens"), loads)), dtype=np.float64)
+        """Prompt tokens queued or being prefilled, per engine."""
+        rates = list(map(attrgetter("prefill_tokens_per_s"), loads))
+        self.rate = (np.full(len(loads), np.nan) if rates.count(None) == len(rates)
+                     else np.array(rates, dtype=np.float64))  # fmt: skip
+        """Reported prefill rates; NaN where the engine reported none (the calibration's applies)."""
+        self._decode: np.ndarray | None = None
+
+    @property
+    def decode(self) -> np.ndarray:
+        """KV blocks of requests decoding, per engine (built on first use: only some policies read it)."""
+        if self._decode is None:
+            self._decode = np.array(list(map(attrgetter("active_decode_blocks"), self._loads)), dtype=np.float64)
+        return self._decode
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, j: int) -> EngineLoad:
+        return self._loads[j]
+
+    def loads(self) -> list[EngineLoad]:
+        return list(self._loads)
+
+    def update(self, load: EngineLoad) -> bool:
+        """Take ``load`` for an engine already in the table; ``False`` (nothing changed) for an unknown engine."""
+        if self._pos is None:
+            self._pos = dict(zip(self.names, range(len(self.names)), strict=True))
+        j = self._pos.get(load.engine)
+        if j is None:
+            return False
+        self._loads[j] = load
+        self.pending[j] = load.pending_prefill_tokens
+        if self._decode is not None:
+            self._decode[j] = load.active_decode_blocks
+        self.rate[j] = np.nan if load.prefill_tokens_per_s is None else load.prefill_tokens_per_s
+        return True
+
+
+Engines = Sequence[EngineLoad] | EngineTable
+
+
+def engine_table(engines: Engines) -> EngineTable:
+    return engines if isinstance(engines, EngineTable) else EngineTable(engines)
+
+
 class RoutingPolicy(Protocol):
     name: str
 
-    def route(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> RouteDecision: ...
+    def route(self, request: RouteRequest, engines: Engines) -> RouteDecision: ...
 
 
 @dataclass(slots=True)
 class _Assessment:
-    """Per-engine predictions for one request (arrays aligned with the engines sequence)."""
+    """Per-engine predictions for one request (arrays aligned with the engine table)."""
 
+    table: EngineTable
     local: np.ndarray  # leading blocks held by the engine
     usable: np.ndarray  # local + fabric run after it
     load_s: np.ndarray
     prefill_tokens: np.ndarray
-    queue_s: np.ndarray
     rate: np.ndarray
-    tiers: list[int]
+    codes: np.ndarray  # per walked position: index of the fastest fabric tier holding it, or NO_TIER
     tier_names: tuple[TierId, ...]
 
     @property
     def ttft_s(self) -> np.ndarray:
-        return self.queue_s + self.load_s + self.prefill_tokens / self.rate
+        return (self.table.pending + self.prefill_tokens) / self.rate + self.load_s
+
+
+@dataclass(frozen=True, slots=True)
+class _EngineView:
+    """What one set of engines and one index epoch fix: cached across decisions."""
+
+    position_of_bit: np.ndarray  # location bit -> engine position (engines' bits only; -1 elsewhere)
+    engine_mask: int
+    tier_masks: list[int]  # fabric media, fastest first, without the engines' own locations
+    tier_names: tuple[TierId, ...]
+    tier_bytes_per_s: np.ndarray
 
 
 class _Predictor:
@@ -153,88 +245,89 @@ class _Predictor:
         self.index = index
         self.calibration = calibration
         self.use_fabric = use_fabric
-        self._cache: tuple[object, tuple[dict[str, int], int, list[int], tuple[TierId, ...]]] | None = None
+        self._cache: tuple[tuple[int, tuple[str, ...]], _EngineView] | None = None
         self._offset = 0
 
-    def _engine_view(self, engines: Sequence[EngineLoad]) -> tuple[dict[str, int], int, list[int], tuple[TierId, ...]]:
-        """Engine name -> position, the engines' location mask, and the fabric media masks (fastest first) without
-        the engines' own locations; cached while the engine list and the index's locations stay the same."""
-        key = (self.index.epoch, tuple(e.engine for e in engines))
+    def _engine_view(self, table: EngineTable) -> _EngineView:
+        """Cached while the engine names and the index's locations stay the same (a table kept by its owner hits
+        by identity)."""
+        key = (self.index.epoch, table.names)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        positions = {name: j for j, name in enumerate(key[1])}
-        engine_mask = self.index.mask_of(sources=key[1])
+        positions = {name: j for j, name in enumerate(table.names)}
+        position_of_bit = np.full(len(self.index.locations_by_bit()), -1, dtype=np.int64)
+        for bit, loc in enumerate(self.index.locations_by_bit()):
+            if loc is not None and loc.source in positions:
+                position_of_bit[bit] = positions[loc.source]
+        engine_mask = self.index.mask_of(sources=table.names)
         masks: list[int] = []
         names: tuple[TierId, ...] = ()
+        speeds: list[float] = []
         if self.use_fabric and self.calibration.tiers:
-            speeds = sorted(self.calibration.tiers, key=lambda t: -t.bytes_per_s)
-            masks = [self.index.mask_of(media=(t.medium,)) & ~engine_mask for t in speeds]
-            names = tuple(t.medium for t in speeds)
-        view = (positions, engine_mask, masks, names)
+            ordered = sorted(self.calibration.tiers, key=lambda t: -t.bytes_per_s)
+            masks = [self.index.mask_of(media=(t.medium,)) & ~engine_mask for t in ordered]
+            names = tuple(t.medium for t in ordered)
+            speeds = [t.bytes_per_s for t in ordered]
+        view = _EngineView(position_of_bit, engine_mask, masks, names, np.array(speeds, dtype=np.float64))
         self._cache = (key, view)
         return view
 
-    def assess(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> _Assessment:
-        if not engines:
+    def assess(self, request: RouteRequest, engines: Engines) -> _Assessment:
+        table = engine_table(engines)
+        n = len(table)
+        if not n:
             raise ValueError("no engines to route to")
-        positions, engine_mask, masks, names = self._engine_view(engines)
-        walk = self.index.walk(request.namespace, request.model, request.chain, masks, sources_mask=engine_mask)
-        n = len(engines)
+        view = self._engine_view(table)
+        walk = self.index.walk(request.namespace, request.model, request.chain, view.tier_masks,
+                               sources_mask=view.engine_mask)  # fmt: skip
         cal = self.calibration
-        rate = np.fromiter(
-            (e.prefill_tokens_per_s or cal.prefill_tokens_per_s for e in engines), dtype=np.float64, count=n
-        )
-        pending = np.fromiter((e.pending_prefill_tokens for e in engines), dtype=np.float64, count=n)
+        rate = np.where(np.isnan(table.rate), cal.prefill_tokens_per_s, table.rate)
         local = np.zeros(n, dtype=np.int64)
-        for source, depth in walk.depths.items():
-            j = positions.get(source)
-            if j is not None:
-                local[j] = depth
+        if walk.bits:
+            local[view.position_of_bit[walk.bits]] = walk.bit_depths
         bs = request.block_size
-        walked = len(walk.tiers)
-        if masks and walked:
-            block_bytes = bs * cal.kv_bytes_per_token
-            speed = {t.medium: t.bytes_per_s for t in cal.tiers}
-            per_tier = np.array([block_bytes / speed[m] for m in names] + [np.inf])
-            tiers = np.asarray(walk.tiers, dtype=np.int64)
-            load_t = per_tier[tiers]  # -1 indexes the trailing inf: not in the fabric
+        codes = np.frombuffer(walk.codes, dtype=np.uint8)
+        walked = len(codes)
+        if view.tier_masks and walked:
+            block_bytes = request.block_bytes or bs * cal.kv_bytes_per_token
+            per_tier = np.full(NO_TIER + 1, np.inf)
             # A tier slower than recomputing the block (at the calibrated rate) is not worth loading from.
-            load_t = np.where(load_t < bs / cal.prefill_tokens_per_s, load_t, np.inf)
-            avail = np.isfinite(load_t)
-            idx = np.arange(walked + 1)
-            holes = np.where(np.append(~avail, True), idx, walked)
-            next_hole = np.minimum.accumulate(holes[::-1])[::-1]
-            cum = np.concatenate(([0.0], np.cumsum(np.where(avail, load_t, 0.0))))
+            t = block_bytes / view.tier_bytes_per_s
+            per_tier[: len(t)] = np.where(t < bs / cal.prefill_tokens_per_s, t, np.inf)
+            load_t = per_tier[codes]
+            avail = load_t < np.inf
+            holes = np.append(np.flatnonzero(~avail), walked)  # positions no usable tier holds, then the end
+            cum = np.zeros(walked + 1)
+            np.cumsum(np.where(avail, load_t, 0.0), out=cum[1:])
             d = np.minimum(local, walked)
-            usable = np.maximum(next_hole[d], local)
+            usable = np.maximum(holes[np.searchsorted(holes, d)], local)
             load_s = cum[np.minimum(usable, walked)] - cum[d]
         else:
             usable = local
             load_s = np.zeros(n)
         prefill = np.maximum(request.num_tokens - usable * bs, 0).astype(np.float64)
-        return _Assessment(local, usable, load_s, prefill, pending / rate, rate, walk.tiers, names)
+        return _Assessment(table, local, usable, load_s, prefill, rate, codes, view.tier_names)
 
     def argmin_rotated(self, cost: np.ndarray) -> int:
         """Index of the minimum; ties go round-robin so idle engines share the work."""
         n = len(cost)
         start = self._offset % n
         self._offset += 1
-        rolled = np.roll(cost, -start)
-        return int((int(np.argmin(rolled)) + start) % n)
+        if not start:
+            return int(np.argmin(cost))
+        return int((int(np.argmin(np.concatenate((cost[start:], cost[:start])))) + start) % n)
 
-    def decision(self, policy: str, a: _Assessment, engines: Sequence[EngineLoad], j: int) -> RouteDecision:
+    def decision(self, policy: str, a: _Assessment, j: int) -> RouteDecision:
         local, usable = int(a.local[j]), int(a.usable[j])
-        counts: dict[TierId, int] = {}
-        for t in a.tiers[local:usable]:
-            counts[a.tier_names[t]] = counts.get(a.tier_names[t], 0) + 1
+        counts = np.bincount(a.codes[local:usable], minlength=len(a.tier_names))
         return RouteDecision(
-            engine=engines[j].engine,
+            engine=a.table.names[j],
             policy=policy,
             local_blocks=local,
             fabric_blocks=usable - local,
             prefill_tokens=int(a.prefill_tokens[j]),
             predicted_ttft_s=float(a.ttft_s[j]),
-            fabric_tiers=tuple(sorted(counts.items())),
+            fabric_tiers=tuple(sorted((a.tier_names[t], int(c)) for t, c in enumerate(counts) if c)),
         )
 
 
@@ -246,9 +339,9 @@ class TTFTRouter:
     def __init__(self, index: PrefixIndex, calibration: Calibration | None = None, *, use_fabric: bool = True):
         self._p = _Predictor(index, calibration or Calibration(), use_fabric=use_fabric)
 
-    def route(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> RouteDecision:
+    def route(self, request: RouteRequest, engines: Engines) -> RouteDecision:
         a = self._p.assess(request, engines)
-        return self._p.decision(self.name, a, engines, self._p.argmin_rotated(a.ttft_s))
+        return self._p.decision(self.name, a, self._p.argmin_rotated(a.ttft_s))
 
 
 class OverlapRouter:
@@ -261,15 +354,13 @@ class OverlapRouter:
         self._p = _Predictor(index, calibration or Calibration(), use_fabric=False)
         self.overlap_weight = overlap_weight
 
-    def route(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> RouteDecision:
+    def route(self, request: RouteRequest, engines: Engines) -> RouteDecision:
         a = self._p.assess(request, engines)
         bs = request.block_size
-        pending = np.fromiter((e.pending_prefill_tokens for e in engines), dtype=np.float64, count=len(engines))
-        decode = np.fromiter((e.active_decode_blocks for e in engines), dtype=np.float64, count=len(engines))
         request_blocks = -(-request.num_tokens // bs)
-        prefill_blocks = (pending + request.num_tokens - a.local * bs) / bs
-        logit = self.overlap_weight * prefill_blocks + decode + request_blocks
-        return self._p.decision(self.name, a, engines, self._p.argmin_rotated(logit))
+        prefill_blocks = (a.table.pending + request.num_tokens - a.local * bs) / bs
+        logit = self.overlap_weight * prefill_blocks + a.table.decode + request_blocks
+        return self._p.decision(self.name, a, self._p.argmin_rotated(logit))
 
 
 class LeastLoadedRouter:
@@ -280,13 +371,12 @@ class LeastLoadedRouter:
     def __init__(self, index: PrefixIndex, calibration: Calibration | None = None):
         self._p = _Predictor(index, calibration or Calibration(), use_fabric=False)
 
-    def route(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> RouteDecision:
+    def route(self, request: RouteRequest, engines: Engines) -> RouteDecision:
         a = self._p.assess(request, engines)
-        pending = np.fromiter((e.pending_prefill_tokens for e in engines), dtype=np.float64, count=len(engines))
-        decode = np.fromiter((e.active_decode_blocks for e in engines), dtype=np.float64, count=len(engines))
+        decode = a.table.decode
         # decode blocks only break ties between equal queues: scale them below one token
-        cost = pending + decode / (decode.max() + 1.0)
-        return self._p.decision(self.name, a, engines, self._p.argmin_rotated(cost))
+        cost = a.table.pending + decode / (decode.max() + 1.0)
+        return self._p.decision(self.name, a, self._p.argmin_rotated(cost))
 
 
 class RoundRobinRouter:
@@ -298,11 +388,11 @@ class RoundRobinRouter:
         self._p = _Predictor(index, calibration or Calibration(), use_fabric=False)
         self._next = 0
 
-    def route(self, request: RouteRequest, engines: Sequence[EngineLoad]) -> RouteDecision:
+    def route(self, request: RouteRequest, engines: Engines) -> RouteDecision:
         a = self._p.assess(request, engines)
-        j = self._next % len(engines)
+        j = self._next % len(a.table)
         self._next += 1
-        return self._p.decision(self.name, a, engines, j)
+        return self._p.decision(self.name, a, j)
 
 
 POLICIES = ("kvfabric", "overlap", "least-loaded", "round-robin")

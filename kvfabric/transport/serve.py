@@ -14,14 +14,20 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
 from kvfabric.errors import ConfigError
+from kvfabric.events import EventSink
+from kvfabric.index.local_feed import LoopEventSink, announce_held
 from kvfabric.transport.auth import load_or_create_secret
 from kvfabric.transport.frames import Limits
 from kvfabric.transport.server import FabricServer, ServerConfig
+
+if TYPE_CHECKING:
+    from kvfabric.index.service import IndexService
 
 log = logging.getLogger("kvfabric.serve")
 READY_LINE = "kvfabric serve: listening on {host}:{port}"
@@ -64,7 +70,7 @@ def _tokens(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _open_store(args: argparse.Namespace, settings: Settings) -> Any:
+def _open_store(args: argparse.Namespace, settings: Settings, events: EventSink | None) -> Any:
     if importlib.util.find_spec("kvfabric.store.tiered") is None:
         raise ConfigError("this build has no kvfabric.store.tiered (the tiered store); cannot serve")
     from kvfabric.store.tiered import TieredStore
@@ -74,7 +80,7 @@ def _open_store(args: argparse.Namespace, settings: Settings) -> Any:
         fields["data_dir"] = args.data_dir
     if args.ram_bytes is not None:
         fields["ram_bytes"] = args.ram_bytes
-    store = TieredStore.open(dataclasses.replace(settings.store_config(), **fields))
+    store = TieredStore.open(dataclasses.replace(settings.store_config(), **fields), events=events)
     store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
     return store
 
@@ -125,7 +131,46 @@ def _check_admin_auth(args: argparse.Namespace, settings: Settings) -> None:
         )
 
 
-async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_port: int | None) -> None:
+class _NodeIndex:
+    """The node's index on the serving loop: fed by the store's tiers (through ``events``), by what the tiers held
+    at start (announced from a worker thread), and by the vLLM engines in ``[[index.vllm_engines]]``."""
+
+    def __init__(self, service: IndexService, store: Any, node_id: str, events: LoopEventSink) -> None:
+        self.service = service
+        self._stop = threading.Event()
+        held = ((tier, store.tier(tier).keys()) for tier in store.tiers)
+        self._announcer = asyncio.create_task(self._announce(events, node_id, held), name="kvfabric-index-announce")
+
+    @classmethod
+    async def start(cls, store: Any, config: ServerConfig, settings: Settings, events: LoopEventSink) -> _NodeIndex:
+        from kvfabric.index.service import IndexService  # zmq and the routers: only when serving an index
+
+        service = IndexService.for_node(settings.index, config.server_secret, model_source=store.model)
+        service.feed_local(events)
+        try:
+            service.subscribe_configured(settings.index.vllm_engines)
+        except OSError as exc:
+            await service.aclose()
+            raise ConfigError(f"index.vllm_engines: {exc}") from exc
+        return cls(service, store, config.node_id, events)
+
+    async def _announce(self, *args: Any) -> None:
+        try:
+            n = await asyncio.to_thread(announce_held, *args, self._stop)
+        except Exception:  # the index then lacks what the tiers held at start; serving goes on
+            log.exception("announcing the blocks the store held at start to the index failed")
+        else:
+            log.info("announced %d blocks the store held at start to the index", n)
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        await self._announcer
+        await self.service.aclose()
+
+
+async def _serve(
+    store: Any, config: ServerConfig, settings: Settings, admin_port: int | None, events: LoopEventSink | None
+) -> None:
     # Handlers first: a SIGTERM right after the ready line must still close the store (flush, unlink the arena).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,13 +184,18 @@ async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_por
     server = FabricServer(store, config, observer=metrics)
     await server.start()
     admin = None
+    index = None
     try:
         if admin_port is not None:
             from kvfabric.api.app import create_app
+            from kvfabric.api.routes_index import index_router
             from kvfabric.api.server import AdminServer
 
+            assert events is not None
+            index = await _NodeIndex.start(store, config, settings, events)
             admin_host = settings.server.admin_host or config.host
-            admin = AdminServer(create_app(store, settings, metrics=metrics), admin_host, admin_port)
+            app = create_app(store, settings, metrics=metrics, extra_routers=[index_router(index.service)])
+            admin = AdminServer(app, admin_host, admin_port)
             await admin.start()
             print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
         print(READY_LINE.format(host=config.host, port=server.port), flush=True)
@@ -154,6 +204,8 @@ async def _serve(store: Any, config: ServerConfig, settings: Settings, admin_por
         log.info("shutting down")
         if admin is not None:
             await admin.close()
+        if index is not None:
+            await index.aclose()
         await server.close()
 
 
@@ -164,13 +216,15 @@ def run(args: argparse.Namespace) -> int:
         admin_port = _admin_port(args, settings)
         if admin_port is not None:
             _check_admin_auth(args, settings)
-        store = _open_store(args, settings)
+        # The index comes with the admin app (its HTTP face); the tiers' events wait in this sink for its loop.
+        events = LoopEventSink() if admin_port is not None else None
+        store = _open_store(args, settings, events)
     except ConfigError as exc:
         print(f"kvfabric serve: {exc}", file=sys.stderr)
         return 2
     try:
         config = _server_config(args, store, settings)
-        _run_loop(_serve(store, config, settings, admin_port))
+        _run_loop(_serve(store, config, settings, admin_port, events))
     except ConfigError as exc:
         print(f"kvfabric serve: {exc}", file=sys.stderr)
         return 2

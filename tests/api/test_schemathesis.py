@@ -14,6 +14,9 @@ from kvfabric.store.tiered import TieredStore
 from schemathesis import checks
 
 from kvfabric.api.app import create_app
+from kvfabric.api.routes_index import index_router
+from kvfabric.index.router import EngineLoad
+from kvfabric.index.service import IndexService
 from tests.api.conftest import bearer, make_settings
 from tests.blocks import SPEC, make_chain
 
@@ -34,7 +37,12 @@ def api_schema(tmp_path: Path) -> Iterator[schemathesis.BaseSchema]:
     store = TieredStore.open(s.store_config())
     store.register_model(SPEC)
     store.put_many(make_chain(8, namespace="tenant-a", seed=5))
-    app = create_app(store, s)
+    # the index and router endpoints, as kvfabric serve mounts them (with two engines to route to)
+    assert s.server.server_secret is not None
+    index = IndexService.for_node(s.index, s.server.server_secret.get_secret_value().encode(), model_source=store.model)
+    for name in ("engine-0", "engine-1"):
+        index.report_load(EngineLoad(name))
+    app = create_app(store, s, extra_routers=[index_router(index)])
     try:
         with TestClient(app):  # runs the app's lifespan (the stats sampler) around the whole run
             yield schemathesis.openapi.from_asgi("/openapi.json", app)

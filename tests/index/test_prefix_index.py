@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from kvfabric.events import AllCleared, BlockRemoved, BlockStored
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
-from kvfabric.index.prefix_index import Location, PrefixIndex, SourceMatch
+from kvfabric.index.prefix_index import NO_TIER, Location, PrefixIndex, SourceMatch
 
 NS = Namespace("tenant-a")
 FP = ModelFingerprint(b"\x11" * 32)
@@ -97,6 +97,11 @@ def test_walk_reports_fastest_tier_per_position_and_stops_early() -> None:
     assert w.depths == {"e1": 2, "n1": 6}
     assert w.tiers == [0, 0, 0, 1, 1, 1]
     assert w.probed == 7  # block 6 is held by nobody: the walk stops there
+    e1, n1_ram, n1_disk = (idx.mask_of(sources=["e1"]), *masks)
+    assert sorted(zip(w.bits, w.bit_depths)) == sorted([(e1.bit_length() - 1, 2), (n1_ram.bit_length() - 1, 6),
+                                                       (n1_disk.bit_length() - 1, 6)])  # fmt: skip
+    w = idx.walk(NS, FP, CHAIN, [masks[1]], sources_mask=e1)
+    assert (w.depths, w.codes, w.tiers) == ({"e1": 2}, bytes([NO_TIER, NO_TIER, 0, 0, 0, 0]), [-1, -1, 0, 0, 0, 0])
 
 
 def test_unknown_event_type_is_refused() -> None:
@@ -169,3 +174,28 @@ def test_walk_over_long_chains_matches_a_naive_walk(depths: list[int], ram_to: i
     stop = next((i for i in range(max(depths, default=0), len(chain)) if tier_at[i] < 0), len(chain))
     assert w.tiers == tier_at[:stop]
     assert w.probed == min(stop + 1, len(chain))
+
+
+@pytest.mark.parametrize("engines_between", [1, 12])
+@pytest.mark.parametrize("engines_first", [0, 3, 300])
+def test_tier_codes_wherever_the_tier_bits_lie(engines_first: int, engines_between: int) -> None:
+    """Tier codes are the same whether the tiers' bits are the first ones, a window further up, or spread wide."""
+    chain = [PrefixHash(i.to_bytes(32, "big")) for i in range(1, 41)]
+    idx = PrefixIndex()
+    for e in range(engines_first):  # locations created before the fabric's take the low bits
+        idx.apply(BlockStored(f"e{e}", GPU, NS, FP, (chain[0],)))
+    idx.apply(BlockStored("n1", RAM, NS, FP, tuple(chain[0:10]) + tuple(chain[20:25])))
+    idx.apply(BlockStored("n1", TierId("object"), NS, FP, tuple(chain[32:38])))  # one medium at two nodes
+    for e in range(engines_between):  # spread the fabric's bits over more than a byte
+        idx.apply(BlockStored(f"late{e}", GPU, NS, FP, tuple(chain[:2])))
+    idx.apply(BlockStored("n2", DISK, NS, FP, tuple(chain[5:30])))
+    idx.apply(BlockStored("n3", TierId("object"), NS, FP, tuple(chain[:32])))
+    obj = TierId("object")
+    for media in ([RAM], [obj], [RAM, DISK], [RAM, DISK, obj], [obj, DISK, RAM, GPU]):
+        tiers = [idx.mask_of(media=[m]) for m in media]
+        w = idx.walk(NS, FP, chain, tiers, sources_mask=0)
+        expected = [next((t for t, tm in enumerate(tiers) if (idx.holders(NS, FP, h) and any(
+            idx.mask_of(sources=[loc.source], media=[loc.medium]) & tm for loc in idx.holders(NS, FP, h)))), -1)
+            for h in chain]  # fmt: skip
+        stop = expected.index(-1) if -1 in expected else len(chain)
+        assert w.tiers == expected[:stop], media

@@ -9,6 +9,7 @@ from kvfabric.index.prefix_index import PrefixIndex
 from kvfabric.index.router import (
     Calibration,
     EngineLoad,
+    EngineTable,
     RouteRequest,
     TierSpeed,
     make_policy,
@@ -113,3 +114,32 @@ def test_calibration_from_config_mapping() -> None:
     assert cal.tiers == (TierSpeed(TierId("ram"), 1e10), TierSpeed(TierId("disk"), 2e9))
     with pytest.raises(ConfigError, match="unknown calibration keys"):
         Calibration.from_mapping({"prefill": 1})
+
+
+def test_an_engine_table_updated_in_place_routes_like_the_load_list() -> None:
+    idx = PrefixIndex()
+    store(idx, "e1", "gpu", 0, 40)
+    store(idx, "node", "ram", 0, 64)
+    loads = engines(0, 900, 0)
+    table = EngineTable(loads)
+    for policy in ("kvfabric", "overlap", "least-loaded"):
+        a, b = make_policy(policy, idx, CAL), make_policy(policy, idx, CAL)
+        assert a.route(REQ, loads) == b.route(REQ, table)
+    assert make_policy("kvfabric", idx, CAL).route(REQ, table).engine != "e1"  # e1 queues 0.9 s
+    assert table.update(EngineLoad("e1", 0, prefill_tokens_per_s=2000.0))
+    assert (table.pending[1], table.rate[1]) == (0.0, 2000.0) and table[1].prefill_tokens_per_s == 2000.0
+    assert make_policy("kvfabric", idx, CAL).route(REQ, table).engine == "e1"
+    assert not table.update(EngineLoad("e7", 5)) and len(table) == 3  # membership is fixed
+    with pytest.raises(ValueError, match="'e0' is listed twice"):
+        EngineTable([EngineLoad("e0"), EngineLoad("e1"), EngineLoad("e0")])
+
+
+def test_the_model_block_bytes_price_the_fabric_load() -> None:
+    idx = PrefixIndex()
+    store(idx, "node", "ram", 0, 64)
+    d = make_policy("kvfabric", idx, CAL).route(REQ, engines(0))
+    assert d.predicted_ttft_s == pytest.approx(64 * BS * 1024 / 16e6 + 7 / 1000.0)
+    # blocks 4x larger: 64 KiB at 16 MB/s = 4 ms each, still under the 16 ms recompute
+    big = RouteRequest(NS, FP, CHAIN, REQ.num_tokens, BS, block_bytes=4 * BS * 1024)
+    d = make_policy("kvfabric", idx, CAL).route(big, engines(0))
+    assert d.fabric_blocks == 64 and d.predicted_ttft_s == pytest.approx(64 * 4 * BS * 1024 / 16e6 + 7 / 1000.0)
