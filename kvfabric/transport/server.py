@@ -20,9 +20,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from kvfabric.transport.auth import Authenticator, Tenant
 from kvfabric.transport.nixl import NixlServerEndpoint, load_api, server_endpoint
 from kvfabric.transport.receiver import FrameReceiver
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_LEASES_PER_CONNECTION = 65536
@@ -486,20 +487,33 @@ class _Connection(asyncio.BufferedProtocol):
                 out.append(lease if lease is not None else store.get(keys[i]))
             return out
 
+        blocks, below = await self._fetch_below(fetch, leases, missing, Block)
+        self._reply_get(frame, leases, blocks, started, below=below)
+
+    async def _fetch_below(
+        self,
+        fetch: Callable[[], list[Any]],
+        leases: list[StoreLease | None],
+        missing: list[int],
+        other: type[T],
+    ) -> tuple[dict[int, T], bool]:
+        """Run ``fetch`` (lower-tier work for the ``missing`` positions) in a thread; file each result into
+        ``leases`` or, when it is an ``other``, into the returned dict. On failure the RAM leases already held are
+        released. The flag says whether anything was found below RAM."""
         try:
             found = await asyncio.to_thread(fetch)
         except BaseException:
             for lease in leases:
                 if lease is not None:
-                    store.release(lease)
+                    self.store.release(lease)
             raise
-        blocks: dict[int, Block] = {}
+        others: dict[int, T] = {}
         for i, item in zip(missing, found, strict=True):
-            if isinstance(item, Block):
-                blocks[i] = item
+            if isinstance(item, other):
+                others[i] = item
             else:
                 leases[i] = item
-        self._reply_get(frame, leases, blocks, started, below=any(item is not None for item in found))
+        return others, any(item is not None for item in found)
 
     def _reply_get(
         self, frame: fr.Get, leases: list[StoreLease | None], blocks: dict[int, Block], started: float, below: bool
@@ -592,20 +606,8 @@ class _Connection(asyncio.BufferedProtocol):
                     out.append(lease)
             return out
 
-        try:
-            found = await asyncio.to_thread(fetch)
-        except BaseException:
-            for lease in leases:
-                if lease is not None:
-                    store.release(lease)
-            raise
-        elsewhere: dict[int, BlockMeta] = {}
-        for i, item in zip(missing, found, strict=True):
-            if isinstance(item, BlockMeta):
-                elsewhere[i] = item
-            else:
-                leases[i] = item
-        self._reply_leases(frame, leases, elsewhere, started, below=any(item is not None for item in found))
+        elsewhere, below = await self._fetch_below(fetch, leases, missing, BlockMeta)
+        self._reply_leases(frame, leases, elsewhere, started, below=below)
 
     def _reply_leases(
         self, frame: fr.LeaseRequest, leases: list[StoreLease | None], elsewhere: dict[int, BlockMeta],
