@@ -136,6 +136,8 @@ class Tier(ABC):
             self.events.publish(event)
 
     def _emit_stored(self, meta: BlockMeta) -> None:
+        if self.events is None:  # on every put's path: build no event nobody hears
+            return
         self._emit(
             BlockStored(
                 self.source, self.tier_id, meta.key.namespace, meta.key.model,
@@ -144,4 +146,6 @@ class Tier(ABC):
         )  # fmt: skip
 
     def _emit_removed(self, key: BlockKey) -> None:
+        if self.events is None:
+            return
         self._emit(BlockRemoved(self.source, self.tier_id, key.namespace, key.model, (key.prefix,)))

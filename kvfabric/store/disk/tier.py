@@ -14,7 +14,6 @@ state and is held only briefly. fdatasync and reads run outside both.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,7 @@ from kvfabric.errors import (
 )
 from kvfabric.events import EventSink
 from kvfabric.ids import BlockKey, Namespace, TierId
-from kvfabric.record import Block, BlockMeta, RecordHeader, checksum, decode_header, encode_record
+from kvfabric.record import Block, BlockMeta, RecordHeader, checksum, decode_header, encode_record_parts
 from kvfabric.store.disk.compaction import COPY_BATCH_BYTES, CompactionResult, select_segments
 from kvfabric.store.disk.durability import FsyncPolicy, GroupCommitter, SyncGroup
 from kvfabric.store.disk.index import BlockIndex, IndexEntry
@@ -55,16 +54,37 @@ from kvfabric.store.tier import Tier, TierCapabilities
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
 HEADER_CACHE_ENTRIES = 16384
-"""Decoded record headers kept per tier (keyed by the exact header bytes), so a hot read skips the parse."""
+"""Parsed record headers kept per tier (keyed by the exact header bytes), so a hot read skips the parse."""
 DISK = TierId("disk")
 _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def _parse_owned(header: bytes) -> tuple[RecordHeader, bytes]:
-    """A record header and the key bytes of the block it describes (what a read checks its key against)."""
-    head = decode_header(header)
-    return head, head.meta.key.to_bytes()
+class _HeaderCache:
+    """Parsed headers and the key bytes they name, by exact header bytes, oldest dropped first.
+
+    A put primes the header it wrote (it knows every field without parsing), so a block fetched soon after it
+    was published, the disaggregated prefill -> decode pattern, is never parsed; other reads parse once.
+    Safe without a lock: each operation is one dict call under the GIL.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._parsed: dict[bytes, tuple[RecordHeader, bytes]] = {}
+
+    def get(self, header: bytes) -> tuple[RecordHeader, bytes]:
+        hit = self._parsed.get(header)
+        if hit is None:
+            head = decode_header(header)
+            hit = (head, head.meta.key.to_bytes())
+            self.put(header, hit)
+        return hit
+
+    def put(self, header: bytes, parsed: tuple[RecordHeader, bytes]) -> None:
+        cache = self._parsed
+        if len(cache) >= self.capacity:
+            cache.pop(next(iter(cache), b""), None)
+        cache[header] = parsed
 
 
 def _namespace_prefix(namespace: Namespace | None) -> bytes:
@@ -129,7 +149,7 @@ class DiskTier(Tier):
             self._segment_dir.mkdir(parents=True)
             fsync_dir(self.path)
         self._committer = GroupCommitter(group_commit_ms / 1000.0)
-        self._parse_owned = functools.lru_cache(maxsize=HEADER_CACHE_ENTRIES)(_parse_owned)
+        self._headers = _HeaderCache(HEADER_CACHE_ENTRIES)
         self._append_lock = threading.Lock()
         self._compact_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -390,72 +410,72 @@ class DiskTier(Tier):
         encoded = []
         for block in blocks:
             try:
-                header, stored = encode_record(block, self.codec)
+                header, stored, crc = encode_record_parts(block, self.codec)
             except ValueError as exc:
                 raise InvalidBlockError(f"block {block.key}: {exc}") from exc
-            encoded.append((block.key.to_bytes(), header, stored, block.meta))
+            encoded.append((block.key.to_bytes(), header, stored, crc, block.meta))
         slots: list[_Slot] = []
         accepted = 0
         failure: KVFabricError | None = None
-        for kb, header, stored, meta in encoded:  # on a failure, what was written before it still gets stored
+        for kb, header, stored, crc, meta in encoded:  # on a failure, what was written before it still gets stored
             try:
-                if not self._unchanged(kb, header):
-                    slot = self._append(kb, header, stored, meta, expect=None)
-                    if slot is not None:
-                        slots.append(slot)
+                slot = self._append(kb, header, stored, crc, meta, expect=None)
             except KVFabricError as exc:
                 failure = exc
                 break
+            if slot is not None:
+                slots.append(slot)
             accepted += 1
         self._make_durable(slots, force=False)
-        self._commit(slots)
-        with self._cond:
-            self._stats.puts += accepted
+        self._commit(slots, puts=accepted)
         if failure is not None:
             raise failure
 
-    def _unchanged(self, kb: bytes, header: bytes) -> bool:
-        """The exact record (same header: same payload checksum, same creation time) is already indexed."""
-        with self._cond:
-            self._check_open()
-            entry = self._index.get(kb)
-        return entry is not None and entry.header == header
-
     def _append(
-        self, kb: bytes, header: bytes, stored: bytes | memoryview, meta: BlockMeta, *, expect: Position | None
+        self,
+        kb: bytes,
+        header: bytes,
+        stored: bytes | memoryview,
+        crc: int,
+        meta: BlockMeta,
+        *,
+        expect: Position | None,
     ) -> _Slot | None:
-        """Reserve a slot at the end of the active segment and write the record there; ``None`` when ``expect``
-        no longer holds (compaction)."""
+        """Reserve a slot at the end of the active segment and write the record there. ``None`` when there is
+        nothing to write: a put whose exact record (same header: same checksum, same creation time) is already
+        indexed, or a compaction copy whose ``expect`` no longer holds.
+
+        The whole put path takes the state lock once before the write (checks and reservation together) and once
+        after the sync (``_commit``): per-operation work is what separates a 256 KiB put from a bare pwrite."""
         rec_len = len(header) + len(stored)
         span = align_up(rec_len)
         sealed: Segment | None = None
         with self._append_lock:
-            with self._cond:
+            with self._lock:
                 self._check_open()
-                full = self.capacity_bytes is not None and self._disk_used + span > self.capacity_bytes
-                if expect is None and full:
-                    raise TierFullError(
-                        f"disk tier at {self.path}: {self._disk_used} + {span} bytes exceeds capacity "
-                        f"{self.capacity_bytes}"
-                    )
-                if expect is not None and not self._still_at_locked(kb, expect):
+                if expect is None:
+                    current = self._index.get(kb)
+                    if current is not None and current.header == header:
+                        return None
+                    if self.capacity_bytes is not None and self._disk_used + span > self.capacity_bytes:
+                        raise TierFullError(
+                            f"disk tier at {self.path}: {self._disk_used} + {span} bytes exceeds capacity "
+                            f"{self.capacity_bytes}"
+                        )
+                elif not self._still_at_locked(kb, expect):
                     return None
-                rotate = self._active.size > 0 and self._active.size + span > self.segment_bytes
-            if rotate:
+                seg: Segment | None = self._active
+                if seg.size > 0 and seg.size + span > self.segment_bytes:
+                    seg = None  # rotate first (outside the state lock: it creates and fsyncs a file)
+                else:
+                    pos = self._reserve_locked(seg, kb, span)
+            if seg is None:
                 sealed = self._rotate()
-            with self._cond:
-                seg = self._active
-                offset = seg.size
-                pos = Position(seg.id, offset)
-                seg.size += span
-                seg.pending += 1
-                self._disk_used += span
-                self._pending.add(pos)
-                self._recent[kb] = pos
-                if seg.records is not None:
-                    seg.records[offset] = kb
+                with self._lock:
+                    seg = self._active
+                    pos = self._reserve_locked(seg, kb, span)
             try:
-                write_record(seg.fd, offset, header, stored, span)
+                write_record(seg.fd, pos.offset, header, stored, span)
             except OSError as exc:
                 self._abort_append(seg, pos, span)
                 raise self._io_error(exc, f"writing {rec_len} bytes to {seg.path}") from exc
@@ -465,11 +485,23 @@ class DiskTier(Tier):
             group = self._committer.join(seg) if self.fsync_policy is FsyncPolicy.GROUP else None
         if sealed is not None:
             self._announce(sealed)
-        head = decode_header(header)
-        entry = IndexEntry(seg.id, offset, len(header), len(stored), head.payload_checksum, meta.created_ms, header)
-        with self._cond:
-            self._stats.bytes_written += rec_len
+        entry = IndexEntry(seg.id, pos.offset, len(header), len(stored), crc, meta.created_ms, header)
+        if expect is None and type(meta.shape) is tuple:
+            self._headers.put(header, (RecordHeader(meta, self.codec, meta.nbytes, len(stored), crc, len(header)), kb))
         return _Slot(kb, seg, entry, meta, expect, group)
+
+    def _reserve_locked(self, seg: Segment, kb: bytes, span: int) -> Position:
+        """Claim ``span`` bytes at the end of ``seg`` for ``kb``'s record; pending until committed or abandoned."""
+        offset = seg.size
+        pos = Position(seg.id, offset)
+        seg.size = offset + span
+        seg.pending += 1
+        self._disk_used += span
+        self._pending.add(pos)
+        self._recent[kb] = pos
+        if seg.records is not None:
+            seg.records[offset] = kb
+        return pos
 
     def _rotate(self) -> Segment | None:
         """Start a new active segment (caller holds the append lock); returns the old one if it is ready to be
@@ -536,17 +568,20 @@ class DiskTier(Tier):
             if seg is not None:
                 self._announce(seg)
 
-    def _commit(self, slots: list[_Slot]) -> None:
+    def _commit(self, slots: list[_Slot], *, puts: int = 0) -> None:
         """Index durable slots: a put wins over the key's current entry only if it is newer (write order), a
-        compaction copy only if the key still points at the original. One RocksDB write for the batch."""
-        if not slots:
-            return
+        compaction copy only if the key still points at the original. One RocksDB write for the batch; ``puts``
+        (the accepted puts, slots or not) is counted under the same lock."""
         stored: list[BlockMeta] = []
         ready: list[Segment] = []
-        with self._cond:
+        with self._lock:
+            self._stats.puts += puts
+            if not slots:
+                return
             for s in slots:
                 self._pending.discard(s.position)
                 s.segment.pending -= 1
+                self._stats.bytes_written += s.entry.record_len
             current: dict[bytes, IndexEntry | None] = {}
             changes: list[tuple[_Slot, IndexEntry | None]] = []
             for s in slots:
@@ -573,8 +608,9 @@ class DiskTier(Tier):
                     stored.append(s.meta)
         for seg in ready:
             self._announce(seg)
-        for meta in stored:
-            self._emit_stored(meta)
+        if self.events is not None:
+            for meta in stored:
+                self._emit_stored(meta)
 
     def _still_at_locked(self, kb: bytes, expect: Position) -> bool:
         entry = self._index.get(kb)
@@ -668,7 +704,7 @@ class DiskTier(Tier):
 
     def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
         """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
-        head, owner = self._parse_owned(entry.header)
+        head, owner = self._headers.get(entry.header)
         if owner != kb:
             raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
         return head
@@ -716,7 +752,7 @@ class DiskTier(Tier):
                 self._drop_corrupt(kb, entry)
                 corrupt += 1
                 continue
-            slot = self._append(kb, entry.header, memoryview(payload), rec.header.meta, expect=pos)
+            slot = self._append(kb, entry.header, memoryview(payload), entry.checksum, rec.header.meta, expect=pos)
             if slot is None:
                 continue
             batch.append(slot)
