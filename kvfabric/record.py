@@ -97,7 +97,7 @@ def encode_header(meta: BlockMeta, codec: Codec, payload_len: int, payload_check
     """Header bytes for a payload already encoded with ``codec``."""
     if not 0 < len(meta.shape) <= MAX_NDIM:
         raise ValueError(f"shape must have 1..{MAX_NDIM} dims, got {meta.shape}")
-    if any(d < 0 or d > 0xFFFFFFFF for d in meta.shape):
+    if min(meta.shape) < 0 or max(meta.shape) > 0xFFFFFFFF:
         raise ValueError(f"shape dims must fit u32, got {meta.shape}")
     if payload_len > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {payload_len} bytes exceeds the format limit")

@@ -11,6 +11,12 @@ Keeping the record header in the entry lets ``head`` answer without touching the
 header bytes on disk against the index with one comparison. Writes are not synced here; the tier decides when
 the WAL must be durable (``sync``).
 
+Puts may also be *staged* (``stage``): kept in memory, visible to ``get`` at once, and written to RocksDB with the
+next ``write`` (which always carries every staged entry first). The tier stages entries of records that are
+already durable in their segment, and writes the high-water mark only in real writes, so a crash that loses staged
+entries loses nothing: recovery finds those records again by scanning from the mark. Staging turns one RocksDB
+write per put into one per batch of puts.
+
 Recently read or written entries are also kept decoded in memory (``ENTRY_CACHE_ENTRIES``, oldest dropped first),
 so a hot read costs a dict lookup instead of a RocksDB get and an unpack. Every change goes through ``write``,
 which updates the cache after RocksDB accepted the batch (and forgets the touched keys if it did not), so the
@@ -116,6 +122,11 @@ class BlockIndex:
         with _rocksdb("open", path):
             self._db = Rdict(str(path), options)
         self._cache: dict[bytes, IndexEntry] = {}
+        self._staged: dict[bytes, IndexEntry] = {}
+        self.staged_bytes = 0
+        """Record bytes (headers and payloads) of the staged entries: what recovery rescans if they are lost."""
+        self.writes = 0
+        """Batches written (or attempted) so far: a caller that read an entry can tell whether it may be stale."""
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
         self._sync.sync = True
@@ -130,6 +141,9 @@ class BlockIndex:
 
     def get(self, key_bytes: bytes) -> IndexEntry | None:
         entry = self._cache.get(key_bytes)
+        if entry is not None:
+            return entry
+        entry = self._staged.get(key_bytes)  # staged, and since pushed out of the cache
         if entry is not None:
             return entry
         try:  # no context manager here: this is on every read's path
@@ -148,6 +162,19 @@ class BlockIndex:
             del cache[next(iter(cache))]  # insertion order: the oldest goes first
         cache[key_bytes] = entry
 
+    @property
+    def staged(self) -> int:
+        """Entries staged and not yet written."""
+        return len(self._staged)
+
+    def stage(self, puts: Sequence[tuple[bytes, IndexEntry]]) -> None:
+        """Make ``puts`` visible to ``get`` now and write them with the next ``write``."""
+        self.writes += 1
+        for kb, entry in puts:
+            self._staged[kb] = entry
+            self.staged_bytes += entry.record_len
+            self._remember(kb, entry)
+
     def write(
         self,
         *,
@@ -156,8 +183,11 @@ class BlockIndex:
         hwm: Position | None = None,
         sync: bool = False,
     ) -> None:
-        """Apply puts, deletes and a new high-water mark atomically (one WriteBatch)."""
+        """Apply every staged entry, then puts, deletes and a new high-water mark, atomically (one WriteBatch)."""
+        self.writes += 1
         batch = WriteBatch(raw_mode=True)
+        for kb, entry in self._staged.items():
+            batch.put(_BLOCK + kb, entry.pack())
         for kb, entry in puts:
             batch.put(_BLOCK + kb, entry.pack())
         for kb in deletes:
@@ -170,7 +200,9 @@ class BlockIndex:
         except BaseException:
             for kb in (*(kb for kb, _ in puts), *deletes):  # unknown outcome: re-read them from RocksDB
                 self._cache.pop(kb, None)
-            raise
+            raise  # staged entries stay staged (and cached): the next write carries them again
+        self._staged.clear()
+        self.staged_bytes = 0
         for kb, entry in puts:  # in the batch's order: a delete of the same key wins
             self._remember(kb, entry)
         for kb in deletes:

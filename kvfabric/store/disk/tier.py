@@ -1,8 +1,8 @@
 """DiskTier: block records in append-only segment files on NVMe, indexed by RocksDB.
 
 Put: encode the record, reserve an aligned slot at the end of the active segment, pwritev ``[header, payload,
-padding]`` (no payload copy for RAW), fdatasync per the fsync policy, then one RocksDB write (the entry plus the
-high-water mark). Get: one index lookup (a dict hit for recently used keys, else a RocksDB get), one preadv of
+padding]`` (no payload copy for RAW), fdatasync per the fsync policy, then stage the index entry (visible at once;
+written to RocksDB with the high-water mark once a batch of ``INDEX_STAGE_ENTRIES`` is staged). Get: one index lookup (a dict hit for recently used keys, else a RocksDB get), one preadv of
 ``[header, payload]`` into fresh (or the caller's) memory, a comparison of the header bytes with the index's copy
 and an XXH3 of the payload. See ``docs/disk-format.md``.
 
@@ -55,6 +55,11 @@ from kvfabric.store.tier import Tier, TierCapabilities
 DEFAULT_SEGMENT_BYTES = 256 << 20
 HEADER_CACHE_ENTRIES = 16384
 """Parsed record headers kept per tier (keyed by the exact header bytes), so a hot read skips the parse."""
+INDEX_STAGE_ENTRIES = 64
+INDEX_STAGE_BYTES = 64 << 20
+"""Index entries of durable records are staged in memory and written to RocksDB in batches of up to this many
+entries or record bytes: a crash loses at most this much index, which recovery rebuilds by rescanning that many
+record bytes from the high-water mark."""
 DISK = TierId("disk")
 _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -106,6 +111,10 @@ class _Slot:
     expect: Position | None
     """For a compaction copy: index it only if the key still points here."""
     group: SyncGroup | None = None
+    current: IndexEntry | None = None
+    """The key's entry when the slot was reserved; still right at commit if the index saw no write since."""
+    index_writes: int = -1
+    """``BlockIndex.writes`` when ``current`` was read."""
 
     @property
     def position(self) -> Position:
@@ -312,6 +321,7 @@ class DiskTier(Tier):
     def keys(self, namespace: Namespace | None = None) -> Iterator[BlockKey]:
         with self._cond:
             self._check_open()
+            self._write_staged_locked()
         for kb in self._index.keys(_namespace_prefix(namespace)):
             yield BlockKey.from_bytes(kb)
 
@@ -320,6 +330,7 @@ class DiskTier(Tier):
         read): what oldest-first eviction and TTL sweeps need, in one pass."""
         with self._cond:
             self._check_open()
+            self._write_staged_locked()
         for kb, entry in self._index.entries_with_prefix(_namespace_prefix(namespace)):
             yield BlockKey.from_bytes(kb), entry.created_ms, entry.payload_len
 
@@ -453,8 +464,9 @@ class DiskTier(Tier):
         with self._append_lock:
             with self._lock:
                 self._check_open()
+                current = self._index.get(kb)
+                index_writes = self._index.writes
                 if expect is None:
-                    current = self._index.get(kb)
                     if current is not None and current.header == header:
                         return None
                     if self.capacity_bytes is not None and self._disk_used + span > self.capacity_bytes:
@@ -462,8 +474,8 @@ class DiskTier(Tier):
                             f"disk tier at {self.path}: {self._disk_used} + {span} bytes exceeds capacity "
                             f"{self.capacity_bytes}"
                         )
-                elif not self._still_at_locked(kb, expect):
-                    return None
+                elif current is None or current.position != expect or kb in self._recent:
+                    return None  # rewritten, deleted or being rewritten since compaction read it
                 seg: Segment | None = self._active
                 if seg.size > 0 and seg.size + span > self.segment_bytes:
                     seg = None  # rotate first (outside the state lock: it creates and fsyncs a file)
@@ -488,7 +500,7 @@ class DiskTier(Tier):
         entry = IndexEntry(seg.id, pos.offset, len(header), len(stored), crc, meta.created_ms, header)
         if expect is None and type(meta.shape) is tuple:
             self._headers.put(header, (RecordHeader(meta, self.codec, meta.nbytes, len(stored), crc, len(header)), kb))
-        return _Slot(kb, seg, entry, meta, expect, group)
+        return _Slot(kb, seg, entry, meta, expect, group, current, index_writes)
 
     def _reserve_locked(self, seg: Segment, kb: bytes, span: int) -> Position:
         """Claim ``span`` bytes at the end of ``seg`` for ``kb``'s record; pending until committed or abandoned."""
@@ -584,8 +596,14 @@ class DiskTier(Tier):
                 self._stats.bytes_written += s.entry.record_len
             current: dict[bytes, IndexEntry | None] = {}
             changes: list[tuple[_Slot, IndexEntry | None]] = []
+            writes = self._index.writes
             for s in slots:
-                cur = current[s.key_bytes] if s.key_bytes in current else self._index.get(s.key_bytes)
+                if s.key_bytes in current:
+                    cur = current[s.key_bytes]
+                elif s.index_writes == writes:
+                    cur = s.current  # nothing was indexed since the slot read it: skip a second lookup
+                else:
+                    cur = self._index.get(s.key_bytes)
                 if s.expect is None:
                     apply = cur is None or cur.position < s.position
                 else:
@@ -593,8 +611,16 @@ class DiskTier(Tier):
                 if apply:
                     changes.append((s, cur))
                     current[s.key_bytes] = s.entry
+            puts = [(s.key_bytes, s.entry) for s, _ in changes]
+            index = self._index
             try:
-                self._index.write(puts=[(s.key_bytes, s.entry) for s, _ in changes], hwm=self._hwm_locked())
+                if (
+                    index.staged + len(puts) < INDEX_STAGE_ENTRIES
+                    and index.staged_bytes + sum(s.entry.record_len for s, _ in changes) < INDEX_STAGE_BYTES
+                ):
+                    index.stage(puts)  # durable records: recovery finds them again if these entries are lost
+                else:
+                    index.write(puts=puts, hwm=self._hwm_locked())
             finally:
                 self._pending_changed_locked()
                 ready = [seg for s in slots if (seg := self._sealed_ready_locked(s.segment)) is not None]
@@ -612,9 +638,10 @@ class DiskTier(Tier):
             for meta in stored:
                 self._emit_stored(meta)
 
-    def _still_at_locked(self, kb: bytes, expect: Position) -> bool:
-        entry = self._index.get(kb)
-        return entry is not None and entry.position == expect and kb not in self._recent
+    def _write_staged_locked(self) -> None:
+        """Write staged index entries to RocksDB (before iterating it, or before a sync that must cover them)."""
+        if self._index.staged:
+            self._index.write(hwm=self._hwm_locked())
 
     def _hwm_locked(self) -> Position:
         """Every record before this position has had its effect on the index."""
@@ -771,6 +798,8 @@ class DiskTier(Tier):
 
     def _retire(self, seg: Segment) -> bool:
         """Delete ``seg``'s file if nothing live is left in it (after making the index that says so durable)."""
+        with self._lock:
+            self._write_staged_locked()
         self._index.sync()
         with self._cond:
             if seg.live_bytes > 0 or seg.pending or seg is self._active:
