@@ -741,7 +741,10 @@ class DiskTier(Tier):
         buffer); true only if the header bytes equal the index's copy and the payload's checksum matches."""
         header = bytearray(entry.header_len)
         try:
-            complete = read_into(seg.fd, entry.offset, [header, payload])
+            # one preadv is the rule; read_into resumes the rare short read
+            complete = os.preadv(seg.fd, (header, payload), entry.offset) == entry.record_len or read_into(
+                seg.fd, entry.offset, [header, payload]
+            )
         except OSError as exc:
             raise StoreError(f"disk tier at {self.path}: reading {seg.path} at {entry.offset}: {exc}") from exc
         return complete and header == entry.header and checksum(payload) == entry.checksum
