@@ -36,6 +36,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from kvfabric.errors import StoreError
 from kvfabric.record import BlockMeta, decode_header
+from kvfabric.store.disk.cache import FifoCache
 from kvfabric.store.disk.segment import Position, align_up
 
 INDEX_FORMAT = b"1"
@@ -121,7 +122,7 @@ class BlockIndex:
         options.set_max_background_jobs(2)
         with _rocksdb("open", path):
             self._db = Rdict(str(path), options)
-        self._cache: dict[bytes, IndexEntry] = {}
+        self._cache: FifoCache[bytes, IndexEntry] = FifoCache(ENTRY_CACHE_ENTRIES)
         self._staged: dict[bytes, IndexEntry] = {}
         self.staged_bytes = 0
         """Record bytes (headers and payloads) of the staged entries: what recovery rescans if they are lost."""
@@ -153,14 +154,8 @@ class BlockIndex:
         if value is None:
             return None
         entry = IndexEntry.unpack(value)
-        self._remember(key_bytes, entry)
+        self._cache.put(key_bytes, entry)
         return entry
-
-    def _remember(self, key_bytes: bytes, entry: IndexEntry) -> None:
-        cache = self._cache
-        if len(cache) >= ENTRY_CACHE_ENTRIES and key_bytes not in cache:
-            del cache[next(iter(cache))]  # insertion order: the oldest goes first
-        cache[key_bytes] = entry
 
     @property
     def staged(self) -> int:
@@ -173,7 +168,7 @@ class BlockIndex:
         for kb, entry in puts:
             self._staged[kb] = entry
             self.staged_bytes += entry.record_len
-            self._remember(kb, entry)
+            self._cache.put(kb, entry)
 
     def write(
         self,
@@ -199,14 +194,14 @@ class BlockIndex:
                 self._db.write(batch, self._sync if sync else self._nosync)
         except BaseException:
             for kb in (*(kb for kb, _ in puts), *deletes):  # unknown outcome: re-read them from RocksDB
-                self._cache.pop(kb, None)
+                self._cache.pop(kb)
             raise  # staged entries stay staged (and cached): the next write carries them again
         self._staged.clear()
         self.staged_bytes = 0
         for kb, entry in puts:  # in the batch's order: a delete of the same key wins
-            self._remember(kb, entry)
+            self._cache.put(kb, entry)
         for kb in deletes:
-            self._cache.pop(kb, None)
+            self._cache.pop(kb)
 
     def sync(self) -> None:
         """Make every write so far durable (fsync of the WAL)."""

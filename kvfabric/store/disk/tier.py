@@ -34,6 +34,7 @@ from kvfabric.errors import (
 from kvfabric.events import EventSink
 from kvfabric.ids import BlockKey, Namespace, TierId
 from kvfabric.record import Block, BlockMeta, RecordHeader, checksum, decode_header, encode_record_parts
+from kvfabric.store.disk.cache import FifoCache
 from kvfabric.store.disk.compaction import COPY_BATCH_BYTES, CompactionResult, select_segments
 from kvfabric.store.disk.durability import FsyncPolicy, GroupCommitter, SyncGroup
 from kvfabric.store.disk.index import BlockIndex, IndexEntry
@@ -65,31 +66,22 @@ _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class _HeaderCache:
-    """Parsed headers and the key bytes they name, by exact header bytes, oldest dropped first.
+class _HeaderCache(FifoCache[bytes, tuple[RecordHeader, bytes]]):
+    """Parsed headers and the key bytes they name, by exact header bytes.
 
     A put primes the header it wrote (it knows every field without parsing), so a block fetched soon after it
     was published, the disaggregated prefill -> decode pattern, is never parsed; other reads parse once.
-    Safe without a lock: each operation is one dict call under the GIL.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._parsed: dict[bytes, tuple[RecordHeader, bytes]] = {}
+    __slots__ = ()
 
-    def get(self, header: bytes) -> tuple[RecordHeader, bytes]:
-        hit = self._parsed.get(header)
+    def parsed(self, header: bytes) -> tuple[RecordHeader, bytes]:
+        hit = self.get(header)
         if hit is None:
             head = decode_header(header)
             hit = (head, head.meta.key.to_bytes())
             self.put(header, hit)
         return hit
-
-    def put(self, header: bytes, parsed: tuple[RecordHeader, bytes]) -> None:
-        cache = self._parsed
-        if len(cache) >= self.capacity:
-            cache.pop(next(iter(cache), b""), None)
-        cache[header] = parsed
 
 
 def _namespace_prefix(namespace: Namespace | None) -> bytes:
@@ -731,7 +723,7 @@ class DiskTier(Tier):
 
     def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
         """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
-        head, owner = self._headers.get(entry.header)
+        head, owner = self._headers.parsed(entry.header)
         if owner != kb:
             raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
         return head
