@@ -106,8 +106,10 @@ def write_record(fd: int, offset: int, header: bytes, payload: bytes | memoryvie
     bufs: list[memoryview] = [memoryview(header), memoryview(payload).cast("B")]
     if pad:
         bufs.append(memoryview(_ZEROS)[:pad])
+    n = os.pwritev(fd, bufs, offset)
+    if n == span:  # the usual case: one call
+        return
     while bufs:
-        n = os.pwritev(fd, bufs, offset)
         if n == 0:
             raise OSError(f"pwritev wrote nothing at offset {offset}")
         offset += n
@@ -116,6 +118,8 @@ def write_record(fd: int, offset: int, header: bytes, payload: bytes | memoryvie
             bufs.pop(0)
         if bufs and n:
             bufs[0] = bufs[0][n:]
+        if bufs:
+            n = os.pwritev(fd, bufs, offset)
 
 
 def read_into(fd: int, offset: int, bufs: list[Any]) -> bool:

@@ -98,6 +98,7 @@ class _Slot:
 
     key_bytes: bytes
     segment: Segment
+    position: Position
     entry: IndexEntry
     meta: BlockMeta
     expect: Position | None
@@ -107,10 +108,6 @@ class _Slot:
     """The key's entry when the slot was reserved; still right at commit if the index saw no write since."""
     index_writes: int = -1
     """``BlockIndex.writes`` when ``current`` was read."""
-
-    @property
-    def position(self) -> Position:
-        return self.entry.position
 
 
 class DiskTier(Tier):
@@ -492,7 +489,7 @@ class DiskTier(Tier):
         entry = IndexEntry(seg.id, pos.offset, len(header), len(stored), crc, meta.created_ms, header)
         if expect is None and type(meta.shape) is tuple:
             self._headers.put(header, (RecordHeader(meta, self.codec, meta.nbytes, len(stored), crc, len(header)), kb))
-        return _Slot(kb, seg, entry, meta, expect, group, current, index_writes)
+        return _Slot(kb, seg, pos, entry, meta, expect, group, current, index_writes)
 
     def _reserve_locked(self, seg: Segment, kb: bytes, span: int) -> Position:
         """Claim ``span`` bytes at the end of ``seg`` for ``kb``'s record; pending until committed or abandoned."""
