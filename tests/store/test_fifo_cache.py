@@ -24,7 +24,7 @@ def test_overwrite_pop_and_clear() -> None:
     cache.put("a", 3)  # already present: nothing is dropped
     assert (cache.get("a"), cache.get("b")) == (3, 2)
     cache.pop("a")
-    cache.pop("missing")
+    cache.pop("missing", None)
     assert cache.get("a") is None and len(cache) == 1
     cache.clear()
     assert len(cache) == 0

@@ -194,14 +194,14 @@ class BlockIndex:
                 self._db.write(batch, self._sync if sync else self._nosync)
         except BaseException:
             for kb in (*(kb for kb, _ in puts), *deletes):  # unknown outcome: re-read them from RocksDB
-                self._cache.pop(kb)
+                self._cache.pop(kb, None)
             raise  # staged entries stay staged (and cached): the next write carries them again
         self._staged.clear()
         self.staged_bytes = 0
         for kb, entry in puts:  # in the batch's order: a delete of the same key wins
             self._cache.put(kb, entry)
         for kb in deletes:
-            self._cache.pop(kb)
+            self._cache.pop(kb, None)
 
     def sync(self) -> None:
         """Make every write so far durable (fsync of the WAL)."""

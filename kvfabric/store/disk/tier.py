@@ -720,7 +720,7 @@ class DiskTier(Tier):
 
     def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
         """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
-        head, owner = self._headers.parsed(entry.header)
+        head, owner = self._headers.get(entry.header) or self._headers.parsed(entry.header)
         if owner != kb:
             raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
         return head
