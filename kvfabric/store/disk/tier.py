@@ -202,21 +202,21 @@ class DiskTier(Tier):
         if found is None:
             return None
         entry, seg = found
-        ok = in_place = False
+        ok = False
         try:
             head = self._own_header(entry, kb)
             payload = np.empty(entry.payload_len, dtype=np.uint8)
             ok = self._read_verified(seg, entry, payload)
-            in_place = head.codec is Codec.RAW
         except RecordError:
             pass
         finally:
-            self._release(seg, entry.record_len, hit=ok and in_place)
+            raw_hit = ok and head.codec is Codec.RAW
+            self._release(seg, entry.record_len, hit=raw_hit)
+        if raw_hit:  # the common case first: a RAW record is its own payload
+            return Block(head.meta, memoryview(payload))
         if not ok:
             self._drop_corrupt(kb, entry)
             return None
-        if in_place:
-            return Block(head.meta, memoryview(payload))
         try:
             raw = decode_payload(head.codec, memoryview(payload), head.raw_len, head.meta.dtype.itemsize)
         except RecordError:
