@@ -571,8 +571,9 @@ class DiskTier(Tier):
 
     def _commit(self, slots: list[_Slot], *, puts: int = 0) -> None:
         """Index durable slots: a put wins over the key's current entry only if it is newer (write order), a
-        compaction copy only if the key still points at the original. One RocksDB write for the batch; ``puts``
-        (the accepted puts, slots or not) is counted under the same lock."""
+        compaction copy only if the key still points at the original. The batch's entries are staged (at most one
+        RocksDB write, when a stage batch fills); ``puts`` (the accepted puts, slots or not) is counted under the
+        same lock."""
         stored: list[BlockMeta] = []
         ready: list[Segment] = []
         with self._lock:
