@@ -9,7 +9,7 @@ sealed segment can be uploaded and range-read as is.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,28 +106,21 @@ def write_record(fd: int, offset: int, header: bytes, payload: bytes | memoryvie
     bufs: list[memoryview] = [memoryview(header), memoryview(payload).cast("B")]
     if pad:
         bufs.append(memoryview(_ZEROS)[:pad])
-    n = os.pwritev(fd, bufs, offset)
-    if n == span:  # the usual case: one call
-        return
-    while bufs:
-        if n == 0:
-            raise OSError(f"pwritev wrote nothing at offset {offset}")
-        offset += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs.pop(0)
-        if bufs and n:
-            bufs[0] = bufs[0][n:]
-        if bufs:
-            n = os.pwritev(fd, bufs, offset)
+    if not _transfer(os.pwritev, fd, offset, bufs, span):
+        raise OSError(f"pwritev wrote nothing at offset {offset}")
 
 
 def read_into(fd: int, offset: int, bufs: list[Any]) -> bool:
     """Fill ``bufs`` (flat byte buffers) from ``offset`` with preadv (straight into the caller's memory); ``False``
     if the file ends first."""
-    want = sum(map(len, bufs))
-    done = os.preadv(fd, bufs, offset) if want else 0
-    if done == want:  # the usual case: one call
+    return _transfer(os.preadv, fd, offset, bufs, sum(map(len, bufs)))
+
+
+def _transfer(call: Callable[[int, Any, int], int], fd: int, offset: int, bufs: list[Any], want: int) -> bool:
+    """Move ``want`` bytes between ``bufs`` and the file at ``offset`` with ``call`` (pwritev or preadv): one call
+    as a rule, continued after a short one; ``False`` if a call moves nothing (end of file, or a stuck write)."""
+    done = call(fd, bufs, offset) if want else 0
+    if done == want:
         return True
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     n = done
@@ -141,7 +134,7 @@ def read_into(fd: int, offset: int, bufs: list[Any]) -> bool:
         if views and n:
             views[0] = views[0][n:]
         if views:
-            n = os.preadv(fd, views, offset)
+            n = call(fd, views, offset)
     return True
 
 
