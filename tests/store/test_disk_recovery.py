@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -283,9 +284,12 @@ _KILLED_STAGER = textwrap.dedent(
 
 @pytest.mark.parametrize("fsync", ["always", "group", "none"])
 @pytest.mark.parametrize("count", [5, 70])
-def test_staged_index_entries_lost_in_a_crash_are_rebuilt(tmp_path: Path, fsync: str, count: int) -> None:
+def test_staged_index_entries_lost_in_a_crash_are_rebuilt(
+    tmp_path: Path, fsync: str, count: int, caplog: pytest.LogCaptureFixture
+) -> None:
     """Index entries are written to RocksDB in batches; the ones still staged when the process dies are found
-    again by the scan from the high-water mark, so every acknowledged put is there after the crash."""
+    again by the scan from the high-water mark, so every acknowledged put is there after the crash (and the
+    repair is logged)."""
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_STAGER, str(tmp_path / "d"), fsync, str(count)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120, check=False,
@@ -294,8 +298,9 @@ def test_staged_index_entries_lost_in_a_crash_are_rebuilt(tmp_path: Path, fsync:
     staged = int(proc.stdout)
     assert staged == count % INDEX_STAGE_ENTRIES  # 70 puts wrote one full batch; 5 never fill one
     chain = make_chain(count)
-    with DiskTier(tmp_path / "d") as t:
+    with caplog.at_level(logging.INFO, logger="kvfabric.store.disk.tier"), DiskTier(tmp_path / "d") as t:
         assert t.recovery.reindexed == staged
+        assert f"re-indexed {staged}," in caplog.text
         for b in chain:
             got = t.get(b.key)
             assert got is not None and bytes(memoryview(got.payload).cast("B")) == b.payload

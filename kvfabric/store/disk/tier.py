@@ -14,6 +14,7 @@ state and is held only briefly. fdatasync and reads run outside both.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -62,6 +63,7 @@ INDEX_STAGE_BYTES = 64 << 20
 entries or record bytes: a crash loses at most this much index, which recovery rebuilds by rescanning that many
 record bytes from the high-water mark."""
 DISK = TierId("disk")
+log = logging.getLogger(__name__)
 _RECENT_PRUNE = 4096
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -166,6 +168,15 @@ class DiskTier(Tier):
         except BaseException:
             self._release_files()
             raise
+        r = self.recovery
+        repaired = r.reindexed or r.dropped or r.truncated_bytes
+        log.log(
+            logging.INFO if repaired else logging.DEBUG,
+            "disk tier at %s: %d blocks; recovery scanned %d bytes from %s, re-indexed %d, dropped %d, cut %d torn "
+            "bytes",
+            self.path, self._stats.blocks, r.scanned_bytes, tuple(r.scanned_from), r.reindexed, r.dropped,
+            r.truncated_bytes,
+        )  # fmt: skip
 
     # --- opening -----------------------------------------------------------------------------------------------
     def _open_segments(self) -> RecoveryReport:
