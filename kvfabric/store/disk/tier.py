@@ -2,9 +2,10 @@
 
 Put: encode the record, reserve an aligned slot at the end of the active segment, pwritev ``[header, payload,
 padding]`` (no payload copy for RAW), fdatasync per the fsync policy, then stage the index entry (visible at once;
-written to RocksDB with the high-water mark once a batch of ``INDEX_STAGE_ENTRIES`` is staged). Get: one index lookup (a dict hit for recently used keys, else a RocksDB get), one preadv of
-``[header, payload]`` into fresh (or the caller's) memory, a comparison of the header bytes with the index's copy
-and an XXH3 of the payload. See ``docs/disk-format.md``.
+written to RocksDB with the high-water mark once ``INDEX_STAGE_ENTRIES`` are staged). Get: one index lookup (a dict
+hit for recently used keys, else a RocksDB get), one preadv of ``[header, payload]`` into fresh (or the caller's)
+memory, a comparison of the header bytes with the index's copy and an XXH3 of the payload. See
+``docs/disk-format.md``.
 
 Concurrency: ``_append_lock`` serialises slot reservation and the pwrite (so the file is written in reservation
 order and a failed write is always the tail, which can be cut); ``_cond`` guards the index writes and all in-memory
@@ -612,16 +613,16 @@ class DiskTier(Tier):
                 if apply:
                     changes.append((s, cur))
                     current[s.key_bytes] = s.entry
-            puts = [(s.key_bytes, s.entry) for s, _ in changes]
+            entries = [(s.key_bytes, s.entry) for s, _ in changes]
             index = self._index
             try:
                 if (
-                    index.staged + len(puts) < INDEX_STAGE_ENTRIES
+                    index.staged + len(entries) < INDEX_STAGE_ENTRIES
                     and index.staged_bytes + sum(s.entry.record_len for s, _ in changes) < INDEX_STAGE_BYTES
                 ):
-                    index.stage(puts)  # durable records: recovery finds them again if these entries are lost
+                    index.stage(entries)  # durable records: recovery finds them again if these entries are lost
                 else:
-                    index.write(puts=puts, hwm=self._hwm_locked())
+                    index.write(puts=entries, hwm=self._hwm_locked())
             finally:
                 self._pending_changed_locked()
                 ready = [seg for s in slots if (seg := self._sealed_ready_locked(s.segment)) is not None]
