@@ -9,7 +9,7 @@ from fastapi.encoders import jsonable_encoder
 
 from kvfabric.api.auth import Principal, require
 from kvfabric.api.context import AdminContext, get_context
-from kvfabric.api.schemas import Compacted, ErrorBody, Evicted, EvictIn, TierConfigOut, TiersOut
+from kvfabric.api.schemas import Compacted, ErrorBody, Evicted, EvictIn, RecoveryOut, TierConfigOut, TiersOut
 from kvfabric.codec import Codec
 from kvfabric.ids import TierId
 
@@ -35,9 +35,21 @@ def tiers(ctx: Ctx, _: Annotated[Principal, Depends(require("read"))]) -> TiersO
             TierConfigOut(
                 tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
                 codec=codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
+                recovery=_recovery(ctx.store.tier(tier)),
             )
         )  # fmt: skip
     return TiersOut(tiers=out)
+
+
+def _recovery(tier: object) -> RecoveryOut | None:
+    """The tier's recovery report at open (the disk tier keeps one as ``recovery``), if it has one."""
+    r = getattr(tier, "recovery", None)
+    if r is None:
+        return None
+    return RecoveryOut(
+        scanned_from_segment=r.scanned_from.segment, scanned_from_offset=r.scanned_from.offset,
+        scanned_bytes=r.scanned_bytes, reindexed=r.reindexed, dropped=r.dropped, truncated_bytes=r.truncated_bytes,
+    )  # fmt: skip
 
 
 @router.post(

@@ -194,6 +194,17 @@ class Compacted(BaseModel):
     result: dict[str, Any]
 
 
+class RecoveryOut(BaseModel):
+    """What reconciling the index with the segment files did when the disk tier opened."""
+
+    scanned_from_segment: int
+    scanned_from_offset: int
+    scanned_bytes: int = Field(description="record bytes re-read and verified from the high-water mark on")
+    reindexed: int = Field(description="durable records whose index entries a crash had lost, indexed again")
+    dropped: int = Field(description="index entries removed: file gone, record past its end, or failing checks")
+    truncated_bytes: int = Field(description="torn tail bytes cut from the ends of segments")
+
+
 class TierConfigOut(BaseModel):
     tier: str
     capacity_bytes: int | None
@@ -201,6 +212,7 @@ class TierConfigOut(BaseModel):
     shared: bool
     codec: str
     write_policy: str
+    recovery: RecoveryOut | None = Field(None, description="the disk tier's recovery at open; null for other tiers")
 
 
 class TiersOut(BaseModel):

@@ -52,25 +52,33 @@ node_id = "serve-node"
     return cfg
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """``(data-plane URL, admin URL)`` of a ``kvfabric serve`` process."""
+def start_node(tmp_path: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """A ``kvfabric serve`` process on ``tmp_path``'s config and data dir: ``(process, data URL, admin URL)``."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvfabric", "serve", "--config", str(write_config(tmp_path)), "--port", "0",
          "--admin-port", "0", "--no-nixl", "--log-level", "WARNING"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
+    assert proc.stdout is not None
+    admin = data = None
+    for line in proc.stdout:
+        if m := re.search(r"admin API on (http://[\d.]+:\d+)", line):
+            admin = m.group(1)
+        if m := re.search(r"listening on ([\d.]+):(\d+)", line):
+            data = f"kvfabric://{m.group(1)}:{m.group(2)}"
+            break
+    if admin is None or data is None:
+        proc.kill()
+        raise AssertionError("kvfabric serve exited before listening")
+    return proc, data, admin
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """``(data-plane URL, admin URL)`` of a ``kvfabric serve`` process."""
+    proc, data, admin = start_node(tmp_path)
     try:
-        assert proc.stdout is not None
-        admin = data = None
-        for line in proc.stdout:
-            if m := re.search(r"admin API on (http://[\d.]+:\d+)", line):
-                admin = m.group(1)
-            if m := re.search(r"listening on ([\d.]+):(\d+)", line):
-                data = f"kvfabric://{m.group(1)}:{m.group(2)}"
-                break
-        assert admin is not None and data is not None, "kvfabric serve exited before listening"
         yield data, admin
     finally:
         proc.terminate()
@@ -137,3 +145,31 @@ def test_serve_refuses_an_open_admin_api_beside_data_plane_tokens(tmp_path: Path
     )  # fmt: skip
     assert proc.returncode == 2
     assert "server.auth.tokens" in proc.stderr
+
+
+def test_a_killed_node_comes_back_with_every_block_and_says_what_recovery_did(tmp_path: Path) -> None:
+    """SIGKILL right after acknowledged puts: the restarted node serves every block, and ``/v1/tiers`` shows the
+    disk tier's recovery re-indexing the entries the kill took (they were still staged in memory)."""
+    tokens = np.arange(5 * SPEC.block_size)
+    kv = np.random.default_rng(1).integers(0, 256, (5, SPEC.block_nbytes), dtype=np.uint8)
+    proc, data, _ = start_node(tmp_path)
+    try:
+        with Client(data, token=ENGINE_TOKEN) as c:
+            assert c.put(SPEC, tokens, kv) == 5
+    finally:
+        proc.kill()
+        proc.wait(30)
+    proc, data, admin = start_node(tmp_path)
+    try:
+        with httpx.Client(base_url=admin, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as http:
+            tiers = {t["tier"]: t for t in http.get("/v1/tiers").json()["tiers"]}
+        assert tiers["ram"]["recovery"] is None
+        assert tiers["disk"]["recovery"]["reindexed"] == 5
+        assert tiers["disk"]["recovery"]["dropped"] == 0
+        with Client(data, token=ENGINE_TOKEN) as c:
+            got = c.get_blocks(SPEC, c.block_hashes(SPEC, tokens))
+            assert all(g is not None for g in got)
+            assert [bytes(memoryview(g).cast("B")) for g in got] == [row.tobytes() for row in kv]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -111,7 +111,7 @@ def test_object_tier_in_the_admin_views(object_store: TieredStore, object_settin
         assert list(tiers) == ["ram", "disk", "object"]
         assert tiers["object"] == {
             "tier": "object", "capacity_bytes": tiers["object"]["capacity_bytes"], "persistent": True, "shared": True,
-            "codec": "shuffle_zstd", "write_policy": "write-back",
+            "codec": "shuffle_zstd", "write_policy": "write-back", "recovery": None,
         }  # fmt: skip
 
         object_store.flush()  # write-back copies reach the object tier; its open segment is sealed and uploaded
