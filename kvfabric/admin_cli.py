@@ -253,11 +253,17 @@ def _tiers(api: AdminAPI, args: argparse.Namespace) -> Any:
         return out
     rows = [
         (t["tier"], _size(t["capacity_bytes"]), "yes" if t["persistent"] else "no", "yes" if t["shared"] else "no",
-         t["codec"], t["write_policy"])
+         t["codec"], t["write_policy"], _recovered(t.get("recovery")))
         for t in out["tiers"]
     ]  # fmt: skip
-    print(_table(rows, ["tier", "capacity", "persistent", "shared", "codec", "write policy"]))
+    print(_table(rows, ["tier", "capacity", "persistent", "shared", "codec", "write policy", "recovery at open"]))
     return None
+
+
+def _recovered(r: dict[str, int] | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['reindexed']} re-indexed, {r['dropped']} dropped, {_size(r['truncated_bytes'])} cut"
 
 
 def _errors(api: AdminAPI, args: argparse.Namespace) -> Any:

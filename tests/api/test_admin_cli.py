@@ -94,6 +94,7 @@ def test_policy_evict_compact_tiers_errors_health(capsys: pytest.CaptureFixture[
     assert "result" in run_json(capsys, url, "admin", "compact")
     code, out, _ = run(capsys, url, "a-read", "tiers")
     assert code == 0 and "ram" in out and "persistent" in out
+    assert "0 re-indexed, 0 dropped" in out  # the disk tier's recovery at open (a fresh data dir)
     code, out, _ = run(capsys, url, "ops-read", "errors")
     assert (code, out.strip()) == (0, "no recent errors")
     code, out, _ = run(capsys, url, None, "health")
