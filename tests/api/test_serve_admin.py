@@ -3,7 +3,6 @@ Blocks put and got through the data plane move the admin API's stats and the /me
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvfabric.client import Client
 from tests.blocks import SPEC
+from tests.serve_process import start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "serve-admin-token-0123456789"
@@ -54,24 +54,7 @@ node_id = "serve-node"
 
 def start_node(tmp_path: Path) -> tuple[subprocess.Popen[str], str, str]:
     """A ``kvfabric serve`` process on ``tmp_path``'s config and data dir: ``(process, data URL, admin URL)``."""
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvfabric", "serve", "--config", str(write_config(tmp_path)), "--port", "0",
-         "--admin-port", "0", "--no-nixl", "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    admin = data = None
-    for line in proc.stdout:
-        if m := re.search(r"admin API on (http://[\d.]+:\d+)", line):
-            admin = m.group(1)
-        if m := re.search(r"listening on ([\d.]+):(\d+)", line):
-            data = f"kvfabric://{m.group(1)}:{m.group(2)}"
-            break
-    if admin is None or data is None:
-        proc.kill()
-        raise AssertionError("kvfabric serve exited before listening")
-    return proc, data, admin
+    return start_serve(write_config(tmp_path), tmp_path)
 
 
 @pytest.fixture

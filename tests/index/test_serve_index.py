@@ -5,7 +5,6 @@ sees only its own namespace."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import zmq
 
 from kvfabric.client import Client
 from tests.blocks import SPEC
+from tests.serve_process import start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "index-admin-token-0123456789"
@@ -85,25 +85,7 @@ class Node:
     """A ``kvfabric serve`` process: its data-plane URL and an admin HTTP client per token."""
 
     def __init__(self, cfg: Path, tmp_path: Path) -> None:
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvfabric", "serve", "--config", str(cfg), "--port", "0", "--admin-port", "0",
-             "--no-nixl", "--log-level", "WARNING"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        admin = data = None
-        for line in self.proc.stdout:
-            if m := re.search(r"admin API on (http://[\d.]+:\d+)", line):
-                admin = m.group(1)
-            if m := re.search(r"listening on ([\d.]+):(\d+)", line):
-                data = f"kvfabric://{m.group(1)}:{m.group(2)}"
-                break
-        if admin is None or data is None:
-            self.stop()
-            raise AssertionError("kvfabric serve exited before listening")
-        self.data = data
-        self.admin = admin
+        self.proc, self.data, self.admin = start_serve(cfg, tmp_path)
 
     def http(self, token: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

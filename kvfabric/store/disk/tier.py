@@ -78,13 +78,12 @@ class _HeaderCache(FifoCache[bytes, tuple[RecordHeader, bytes]]):
 
     __slots__ = ()
 
-    def parsed(self, header: bytes) -> tuple[RecordHeader, bytes]:
-        hit = self.get(header)
-        if hit is None:
-            head = decode_header(header)
-            hit = (head, head.meta.key.to_bytes())
-            self.put(header, hit)
-        return hit
+    def parse(self, header: bytes) -> tuple[RecordHeader, bytes]:
+        """Parse a header the cache missed (readers try the dict's own ``get`` first) and keep it."""
+        head = decode_header(header)
+        parsed = (head, head.meta.key.to_bytes())
+        self.put(header, parsed)
+        return parsed
 
 
 def _namespace_prefix(namespace: Namespace | None) -> bytes:
@@ -733,7 +732,7 @@ class DiskTier(Tier):
 
     def _own_header(self, entry: IndexEntry, kb: bytes) -> RecordHeader:
         """The entry's record header, which must name the key it is filed under (a mix-up is never served)."""
-        head, owner = self._headers.get(entry.header) or self._headers.parsed(entry.header)
+        head, owner = self._headers.get(entry.header) or self._headers.parse(entry.header)
         if owner != kb:
             raise MalformedRecordError(f"index entry for {BlockKey.from_bytes(kb)} holds a record of {head.meta.key}")
         return head

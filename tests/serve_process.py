@@ -1,0 +1,33 @@
+"""``kvfabric serve`` as a real process for tests: started on a config with OS-chosen ports, its URLs read back."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_serve(config: Path, home: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--admin-port", "0",
+         "--no-nixl", "--log-level", "WARNING"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    admin = data = None
+    for line in proc.stdout:
+        if m := re.search(r"admin API on (http://[\d.]+:\d+)", line):
+            admin = m.group(1)
+        if m := re.search(r"listening on ([\d.]+):(\d+)", line):
+            data = f"kvfabric://{m.group(1)}:{m.group(2)}"
+            break
+    if admin is None or data is None:
+        proc.kill()
+        proc.wait(30)
+        raise AssertionError("kvfabric serve exited before listening")
+    return proc, data, admin
