@@ -16,10 +16,23 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfabric", description="Persistent KV-cache data fabric for LLM inference")
+    parser.add_argument("--version", action="version", version=f"kvfabric {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (what pip installed), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvfabric")
+    except PackageNotFoundError:
+        from kvfabric import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

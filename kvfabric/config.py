@@ -182,8 +182,12 @@ class ServerSettings(_Section):
     tls: TLSSettings = TLSSettings()
     auth: AuthSettings = AuthSettings()
     server_secret: SecretStr | None = None
-    """Keys the per-tenant salt of prefix hashes. Must stay the same across restarts, or stored blocks become
-    unreachable. Required when auth is enabled."""
+    """The keying secret: keys the per-tenant salt of prefix hashes. Must stay the same across restarts, and be the
+    same on every node sharing an object tier, or stored blocks become unreachable (a node refuses to start over
+    blocks keyed with another secret: ``kvfabric.keying``). Required with auth or an object tier, unless
+    ``secret_file`` is set. Unset on a single node without either: generated once in ``store.data_dir``."""
+    secret_file: Path | None = None
+    """A file holding the keying secret (e.g. a mounted Kubernetes Secret); wins over ``server_secret``."""
     max_frame_bytes: PositiveSize = 256 << 20
     max_batch: int = Field(1024, gt=0)
     stats_interval_s: float = Field(5.0, gt=0)
@@ -193,8 +197,13 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _secret_with_auth(self) -> ServerSettings:
-        if self.auth.enabled and (self.server_secret is None or not self.server_secret.get_secret_value()):
-            raise ValueError("auth is enabled, so server_secret must be set (it keys the per-tenant hash salt)")
+        has_secret = self.secret_file is not None or (
+            self.server_secret is not None and bool(self.server_secret.get_secret_value())
+        )
+        if self.auth.enabled and not has_secret:
+            raise ValueError(
+                "auth is enabled, so server_secret (or secret_file) must be set (it keys the per-tenant hash salt)"
+            )
         return self
 
 
@@ -273,6 +282,8 @@ class ObjectSettings(_Section):
     """Most bytes held in memory awaiting upload; beyond it the object tier refuses writes until it catches up."""
     create_bucket: bool = False
     """Create the bucket on start when missing (development setups)."""
+    startup_wait_s: float = Field(30.0, ge=0)
+    """How long ``kvfabric serve`` retries an unreachable object store at start (with a countdown) before it gives up."""
 
     @model_validator(mode="after")
     def _keys_together(self) -> ObjectSettings:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Path, Request
-from fastapi.dependencies.utils import get_flat_dependant
 from fastapi.exceptions import RequestValidationError
 
 from kvfabric.ids import MAX_NAMESPACE_BYTES, BlockKey, ModelFingerprint, Namespace, PrefixHash
@@ -48,7 +47,7 @@ def reject_unknown_query(request: Request) -> None:
     dependant = getattr(request.scope.get("route"), "dependant", None)
     if dependant is None:
         return
-    allowed = {p.alias for p in get_flat_dependant(dependant).query_params}
+    allowed = _query_aliases(dependant)
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
         raise RequestValidationError(
@@ -58,3 +57,20 @@ def reject_unknown_query(request: Request) -> None:
                 for name in unknown
             ]
         )  # fmt: skip
+
+
+def _query_aliases(dependant: Any) -> frozenset[str]:
+    """Every query parameter alias a route declares, its sub-dependencies' included.
+
+    Walks ``Dependant``'s public fields (``query_params``, ``dependencies``) rather than FastAPI's flattening helper,
+    which moved between releases."""
+    aliases: set[str] = set()
+    todo, seen = [dependant], set()
+    while todo:
+        d = todo.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        aliases.update(p.alias for p in d.query_params)
+        todo.extend(d.dependencies)
+    return frozenset(aliases)

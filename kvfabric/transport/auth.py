@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from kvfabric.errors import AuthError, ConfigError
 from kvfabric.hashing import tenant_salt
 from kvfabric.ids import Namespace
 
 DEFAULT_TENANT = Namespace("default")
-SECRET_FILE = "server_secret"
-SECRET_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +60,3 @@ class Authenticator:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-def load_or_create_secret(data_dir: Path | None) -> bytes:
-    """The server secret kept in ``data_dir`` (created on first start, mode 0600), or a fresh one without a data dir.
-
-    It must outlive restarts: every stored block's hash chain is salted with it."""
-    if data_dir is None:
-        return os.urandom(SECRET_BYTES)
-    path = Path(data_dir) / SECRET_FILE
-    try:
-        secret = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = os.urandom(SECRET_BYTES)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret)
-            f.flush()
-            os.fsync(f.fileno())
-        return secret
-    if len(secret) < 16:
-        raise ConfigError(f"server secret in {path} is shorter than 16 bytes")
-    return secret

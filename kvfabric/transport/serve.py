@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
-import importlib.util
+import errno
 import logging
 import os
 import signal
 import sys
 import threading
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
-from kvfabric.errors import ConfigError
+from kvfabric.errors import ConfigError, KVFabricError
 from kvfabric.events import EventSink
 from kvfabric.index.local_feed import LoopEventSink, announce_held
-from kvfabric.transport.auth import load_or_create_secret
 from kvfabric.transport.frames import Limits
 from kvfabric.transport.server import FabricServer, ServerConfig
 
 if TYPE_CHECKING:
     from kvfabric.index.service import IndexService
+    from kvfabric.keying import KeyingSecret, MetaStore
+    from kvfabric.store.config import StoreConfig
 
 log = logging.getLogger("kvfabric.serve")
 READY_LINE = "kvfabric serve: listening on {host}:{port}"
@@ -57,6 +61,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--no-nixl", action="store_true", help="do not register the RAM arena with NIXL")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--debug", action="store_true", help="on a start-up error, show the traceback, not one line")
     p.set_defaults(func=run)
 
 
@@ -70,29 +75,48 @@ def _tokens(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _open_store(args: argparse.Namespace, settings: Settings, events: EventSink | None) -> Any:
-    if importlib.util.find_spec("kvfabric.store.tiered") is None:
-        raise ConfigError("this build has no kvfabric.store.tiered (the tiered store); cannot serve")
-    from kvfabric.store.tiered import TieredStore
-
+def _store_config(args: argparse.Namespace, settings: Settings) -> StoreConfig:
+    """The store's config: the settings, with ``--data-dir`` and ``--ram-bytes`` applied over them."""
     fields: dict[str, Any] = {}
     if args.data_dir is not None:
         fields["data_dir"] = args.data_dir
     if args.ram_bytes is not None:
         fields["ram_bytes"] = args.ram_bytes
-    store = TieredStore.open(dataclasses.replace(settings.store_config(), **fields), events=events)
+    return dataclasses.replace(settings.store_config(), **fields)
+
+
+def _open_store(store_config: StoreConfig, events: EventSink | None) -> Any:
+    from kvfabric.store.tiered import TieredStore
+
+    store = TieredStore.open(store_config, events=events)
     store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
     return store
 
 
-def _server_config(args: argparse.Namespace, store: Any, settings: Settings) -> ServerConfig:
+def _keying_secret(args: argparse.Namespace, settings: Settings) -> KeyingSecret:
+    from kvfabric.keying import resolve_secret
+
     srv = settings.server
-    if args.secret_file:
-        secret = args.secret_file.read_bytes()
-    elif srv.server_secret is not None:
-        secret = srv.server_secret.get_secret_value().encode()
-    else:
-        secret = load_or_create_secret(store.config.data_dir)
+    obj = settings.object
+    return resolve_secret(
+        secret_file=args.secret_file or srv.secret_file,
+        configured=srv.server_secret.get_secret_value() if srv.server_secret is not None else None,
+        data_dir=args.data_dir or settings.store.data_dir,
+        shared=f"s3://{obj.bucket}/{obj.prefix}" if obj.enabled else None,
+    )
+
+
+def _verify_keying(place: MetaStore, keying: KeyingSecret) -> None:
+    """Refuse to serve over blocks keyed with another secret (they would all miss, silently)."""
+    from kvfabric.keying import verify
+
+    if verify(place, keying) == "recorded over existing blocks":
+        log.warning("%s held blocks but no keying check; recorded this node's (%s)", place.describe(), keying.origin)
+
+
+def _server_config(args: argparse.Namespace, store: Any, settings: Settings, keying: KeyingSecret) -> ServerConfig:
+    srv = settings.server
+    secret = keying.secret
     tokens = _tokens(args.token)
     if not tokens and srv.auth.enabled:
         tokens = {t.token.get_secret_value(): t.tenant for t in srv.auth.tokens}
@@ -182,7 +206,8 @@ async def _serve(
 
         metrics = Metrics()  # the data plane records latencies into it; the admin app serves it on /metrics
     server = FabricServer(store, config, observer=metrics)
-    await server.start()
+    with _listening(config.host, config.port, "the data plane", "--port"):
+        await server.start()
     admin = None
     index = None
     try:
@@ -196,7 +221,8 @@ async def _serve(
             admin_host = settings.server.admin_host or config.host
             app = create_app(store, settings, metrics=metrics, extra_routers=[index_router(index.service)])
             admin = AdminServer(app, admin_host, admin_port)
-            await admin.start()
+            with _listening(admin_host, admin_port, "the admin API", "--admin-port"):
+                await admin.start()
             print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
         print(READY_LINE.format(host=config.host, port=server.port), flush=True)
         await stop.wait()
@@ -209,28 +235,72 @@ async def _serve(
         await server.close()
 
 
+@contextlib.contextmanager
+def _listening(host: str, port: int, what: str, flag: str) -> Iterator[None]:
+    """Binding errors as one line naming the address and the flag that moves it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"cannot listen on {host}:{port} for {what}: the address is in use (another kvfabric "
+                              f"serve?); choose another port with {flag}") from exc  # fmt: skip
+        raise ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = None
     try:
         settings = load_settings(args.config)
         admin_port = _admin_port(args, settings)
         if admin_port is not None:
             _check_admin_auth(args, settings)
+        else:
+            _say("the admin API, /metrics and the dashboard are off: start with --admin-port PORT to serve them")
+        keying = _keying_secret(args, settings)
+        store_config = _store_config(args, settings)
+        _warn_at_start(settings, store_config, keying)
+        from kvfabric.startup import probe_object_store
+
+        probe_object_store(settings, wait_s=settings.object.startup_wait_s, say=_say)
         # The index comes with the admin app (its HTTP face); the tiers' events wait in this sink for its loop.
         events = LoopEventSink() if admin_port is not None else None
-        store = _open_store(args, settings, events)
-    except ConfigError as exc:
-        print(f"kvfabric serve: {exc}", file=sys.stderr)
-        return 2
-    try:
-        config = _server_config(args, store, settings)
+        if store_config.data_dir is not None:
+            from kvfabric.keying import DataDir
+
+            _verify_keying(DataDir(Path(store_config.data_dir)), keying)
+        store = _open_store(store_config, events)
+        if "object" in store.tiers:
+            _verify_keying(store.tier("object"), keying)
+        config = _server_config(args, store, settings, keying)
         _run_loop(_serve(store, config, settings, admin_port, events))
-    except ConfigError as exc:
-        print(f"kvfabric serve: {exc}", file=sys.stderr)
+    except (KVFabricError, OSError) as exc:  # start-up failures (and config ones): one line, exit 2
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        _say(_one_line(exc))
         return 2
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return 0
+
+
+def _warn_at_start(settings: Settings, store_config: StoreConfig, keying: KeyingSecret) -> None:
+    from kvfabric.startup import capacity_warnings, placeholder_warnings
+
+    warnings = placeholder_warnings(settings, keying.is_placeholder)
+    warnings += capacity_warnings(store_config.ram_bytes, store_config.data_dir, store_config.disk_capacity)
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
+def _say(message: str) -> None:
+    print(f"kvfabric serve: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) if isinstance(exc, KVFabricError) else f"{type(exc).__name__}: {exc}"
+    return text or type(exc).__name__
 
 
 def _run_loop(coro: Any) -> None:

@@ -160,7 +160,7 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> Non
 
 def test_auth_needs_a_server_secret(tmp_path: Path) -> None:
     text = '[server.auth]\nenabled = true\n[[server.auth.tokens]]\ntoken = "aaaaaaaaaaaaaaaaaaaa"\ntenant = "t"\n'
-    with pytest.raises(ConfigError, match="server_secret must be set"):
+    with pytest.raises(ConfigError, match=r"server_secret \(or secret_file\) must be set"):
         load_settings(write(tmp_path, "c.toml", text))
     s = load_settings(write(tmp_path, "d.toml", '[server]\nserver_secret = "xyz"\n' + text))
     assert s.server.auth.enabled is True

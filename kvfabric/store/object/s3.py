@@ -8,9 +8,10 @@ names the bucket and key. A missing object is not an error here: reads return ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
 import boto3.s3.transfer
@@ -172,12 +173,13 @@ class ObjectStore:
                     if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                         return 0
                     raise
+                readinto = getattr(body, "readinto", None) or _copying_readinto(body)
                 done = 0
                 try:
                     for part in parts:
                         filled = 0
                         while filled < len(part):
-                            n = body.readinto(part[filled:])
+                            n = readinto(part[filled:])
                             if not n:
                                 return done + filled
                             filled += n
@@ -195,6 +197,17 @@ class ObjectStore:
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
         return keys
+
+
+def _copying_readinto(body: Any) -> Callable[[memoryview], int]:
+    """``readinto`` for botocore before 1.38.x's ``StreamingBody.readinto``: one copy per read."""
+
+    def readinto(out: memoryview) -> int:
+        data = body.read(len(out))
+        out[: len(data)] = data
+        return len(data)
+
+    return readinto
 
 
 def _range(start: int, length: int) -> str:

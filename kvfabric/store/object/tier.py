@@ -797,6 +797,25 @@ class ObjectTier(Tier):
             return None
         return _object_id(object_key), deleted
 
+    # --- small documents beside the blocks (the keying check) ------------------------------------------------------
+    def _meta_key(self, name: str) -> str:
+        return f"{self.config.prefix}/{name}" if self.config.prefix else name
+
+    def read_meta(self, name: str) -> bytes | None:
+        """The document ``name`` kept at the top of this tier's prefix, or ``None``."""
+        return self._store.get(self._meta_key(name))
+
+    def write_meta(self, name: str, data: bytes) -> None:
+        """Keep ``data`` as the document ``name`` at the top of this tier's prefix (one writer per prefix)."""
+        self._store.put(self._meta_key(name), data)
+
+    def describe(self) -> str:
+        return f"s3://{self.config.bucket}/{self.config.prefix}"
+
+    def holds_blocks(self) -> bool:
+        with self._lock:
+            return bool(self._index) or bool(self._segment_live)
+
     # --- stats -----------------------------------------------------------------------------------------------------
     def object_stats(self) -> ObjectTierStats:
         """A snapshot of the object-tier counters (backlog, uploads, outages, GC)."""
