@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -75,12 +74,7 @@ def _open_store(args: argparse.Namespace, settings: Settings, events: EventSink 
         raise ConfigError("this build has no kvfabric.store.tiered (the tiered store); cannot serve")
     from kvfabric.store.tiered import TieredStore
 
-    fields: dict[str, Any] = {}
-    if args.data_dir is not None:
-        fields["data_dir"] = args.data_dir
-    if args.ram_bytes is not None:
-        fields["ram_bytes"] = args.ram_bytes
-    store = TieredStore.open(dataclasses.replace(settings.store_config(), **fields), events=events)
+    store = TieredStore.open(settings.store_config(), events=events)
     store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
     return store
 
@@ -111,6 +105,15 @@ def _server_config(args: argparse.Namespace, store: Any, settings: Settings) -> 
         host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
         tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
     )  # fmt: skip
+
+
+def _effective(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with the flags given on the command line in them: what the node runs on and ``/v1/config``
+    shows."""
+    return settings.overridden(
+        store={"data_dir": args.data_dir, "ram_bytes": args.ram_bytes},
+        server={"host": args.host, "port": args.port, "admin_port": args.admin_port},
+    )
 
 
 def _admin_port(args: argparse.Namespace, settings: Settings) -> int | None:
@@ -212,7 +215,7 @@ async def _serve(
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_settings(args.config)
+        settings = _effective(args, load_settings(args.config))
         admin_port = _admin_port(args, settings)
         if admin_port is not None:
             _check_admin_auth(args, settings)
