@@ -63,7 +63,7 @@ class AdminAPI:
             resp = self._http.request(method, path, json=body)
         except httpx.RemoteProtocolError as exc:  # something answered, but not in HTTP: the data port
             raise AdminAPIError(
-                f"{self.url} does not answer in HTTP ({exc}): it is not the admin API{_url_hint(self.url, True)}",
+                f"{self.url} does not answer in HTTP ({exc}){_url_hint(self.url, binary=True)}",
                 exit_code=2,
             ) from exc
         except httpx.HTTPError as exc:
