@@ -5,7 +5,8 @@
 Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order.
 ``--kv-role kv_producer`` makes a prefill worker (saves only), ``kv_consumer`` a decode worker (loads only),
 ``kv_both`` (default) does both. Without ``--url`` the engine runs with no connector (the reference).
-Output: one line ``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``.
+Output: one line ``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``
+on stdout; progress lines (engine start, every ``TICK_S`` while it starts, generation) on stderr.
 """
 
 from __future__ import annotations
@@ -13,8 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+TICK_S = 15.0
 
 LOGGING_CONFIG = {
     "version": 1,
@@ -26,6 +34,31 @@ LOGGING_CONFIG = {
         "kvfabric": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
     },
 }
+
+
+def progress(label: str, message: str) -> None:
+    print(f"{label}: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def ticking(label: str, what: str) -> Iterator[None]:
+    """Say that ``what`` started, every ``TICK_S`` that it is still going, and how long it took."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(TICK_S):
+            progress(label, f"{what}: still going, {time.monotonic() - started:.0f} s")
+
+    progress(label, f"{what} ...")
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+    progress(label, f"{what}: done in {time.monotonic() - started:.1f} s")
 
 
 def main() -> int:
@@ -40,6 +73,7 @@ def main() -> int:
     parser.add_argument("--tcp", action="store_true", help="read blocks over TCP even on the server's host")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable vLLM's own prefix cache")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--label", default="vllm_worker", help="prefix of the progress lines on stderr")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -49,8 +83,9 @@ def main() -> int:
     log_config.write_text(json.dumps(LOGGING_CONFIG))
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(log_config)
 
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    with ticking(args.label, "importing vLLM"):
+        from vllm import LLM, SamplingParams
+        from vllm.config import KVTransferConfig
 
     transfer = None
     if args.url:
@@ -70,27 +105,32 @@ def main() -> int:
         )
     with open(args.prompts) as f:
         prompts = json.load(f)
-    llm = LLM(
-        model=args.model,
-        dtype="float32",
-        skip_tokenizer_init=True,
-        max_model_len=max(len(p) for p in prompts) + args.max_tokens + 16,
-        max_num_batched_tokens=max(len(p) for p in prompts) + args.max_tokens + 16,
-        enable_prefix_caching=not args.no_prefix_cache,
-        enforce_eager=True,  # no torch.compile: engine start in seconds, not minutes
-        kv_transfer_config=transfer,
-        seed=0,
-    )
+    connector = f"KV connector to {args.url} ({args.kv_role})" if args.url else "no KV connector"
+    with ticking(args.label, f"starting the engine, {connector}"):
+        llm = LLM(
+            model=args.model,
+            dtype="float32",
+            skip_tokenizer_init=True,
+            max_model_len=max(len(p) for p in prompts) + args.max_tokens + 16,
+            max_num_batched_tokens=max(len(p) for p in prompts) + args.max_tokens + 16,
+            enable_prefix_caching=not args.no_prefix_cache,
+            enforce_eager=True,  # no torch.compile: engine start in seconds, not minutes
+            kv_transfer_config=transfer,
+            seed=0,
+        )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
     results = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts, 1):
+        progress(args.label, f"prompt {i} of {len(prompts)}: {len(prompt)} tokens, generating {args.max_tokens}")
         (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
         completion = out.outputs[0]
         logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
         results.append(
             {"tokens": list(completion.token_ids), "logprobs": logprobs, "num_cached_tokens": out.num_cached_tokens}
         )
-    del llm  # shuts the engine down: the connector drains its pending saves
+        progress(args.label, f"prompt {i}: done, {out.num_cached_tokens} prompt tokens were not recomputed")
+    with ticking(args.label, "shutting the engine down"):
+        del llm  # the connector drains its pending saves
     print("RESULT " + json.dumps({"results": results}), flush=True)
     return 0
 

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import httpx
 
-from kvfabric.config import dumps_json, dumps_toml, load_settings
+from kvfabric.config import dumps_json, dumps_toml, load_settings, toml_of
 from kvfabric.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:9501"
+DATA_PORT = 9500
+"""The data plane's default port: a ``--url`` there reached the binary protocol, not the admin API."""
 
 
 class AdminAPIError(Exception):
@@ -42,6 +47,9 @@ class AdminAPI:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("http", "https"):
+            raise AdminAPIError(f"--url {url!r} is not an http(s) URL{_url_hint(self.url)}", exit_code=2)
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def __enter__(self) -> Self:
@@ -53,13 +61,41 @@ class AdminAPI:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
             resp = self._http.request(method, path, json=body)
+        except httpx.RemoteProtocolError as exc:  # something answered, but not in HTTP: the data port
+            raise AdminAPIError(
+                f"{self.url} does not answer in HTTP ({exc}){_url_hint(self.url, binary=True)}",
+                exit_code=2,
+            ) from exc
         except httpx.HTTPError as exc:
-            raise AdminAPIError(f"cannot reach the admin API at {self.url}: {exc}", exit_code=2) from exc
+            raise AdminAPIError(
+                f"cannot reach the admin API at {self.url}: {exc}{_url_hint(self.url)}", exit_code=2
+            ) from exc
         if resp.status_code >= 400:
-            raise AdminAPIError(f"{method} {path} failed with {resp.status_code}: {_detail(resp)}")
+            hint = _url_hint(self.url) if resp.status_code == 404 else ""
+            raise AdminAPIError(f"{method} {path} failed with {resp.status_code}: {_detail(resp)}{hint}")
         if resp.headers.get("content-type", "").startswith("application/json"):
             return resp.json()
         return resp.text
+
+
+def _url_hint(url: str, binary: bool = False) -> str:
+    """What to fix in a ``--url`` that looks wrong: the API's ``/v1`` path given as the base, or the data plane's
+    address (its port, or its ``kvfabric://`` scheme) given for the admin API's. Empty if it looks right."""
+    parts = urlsplit(url)
+    root = "the admin API's root URL, e.g. --url " + DEFAULT_URL
+    if parts.path.rstrip("/").endswith("/v1"):
+        return f"; --url is the admin API's root, without /v1: --url {url.rstrip('/').removesuffix('/v1')}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme == "kvfabric" or binary or port == DATA_PORT:
+        host = parts.hostname or "127.0.0.1"
+        return (
+            f"; {url} looks like kvfabric's data plane, which speaks its binary protocol, not HTTP; the admin API "
+            f"listens on the node's --admin-port (server.admin_port, default 9501): try --url http://{host}:9501"
+        )
+    return "" if parts.scheme in ("http", "https") else f"; give {root}"
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -121,6 +157,24 @@ def _print_namespaces(namespaces: list[dict[str, Any]]) -> None:
         for n in namespaces
     ]  # fmt: skip
     print(_table(rows, ["namespace", "models", "blocks", "bytes", "ttl", "quota"]))
+
+
+def _quiet_on_broken_pipe(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``kvfabric stats | head``: when the reader goes away, stop quietly, as other command-line tools do, with
+    the status a SIGPIPE would give (128 + 13), instead of a BrokenPipeError traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code = command(args)
+            sys.stdout.flush()  # output to a pipe is buffered: a write the reader refuses happens here
+        except BrokenPipeError:
+            # Python flushes stdout again at exit and would report that failure too: point it at /dev/null.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+        return code
+
+    return run
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
@@ -288,6 +342,7 @@ def _health(api: AdminAPI, args: argparse.Namespace) -> Any:
     return {"health": health, "ready": ready} if args.json else print(f"ok, ready: {ready['detail']}")
 
 
+@_quiet_on_broken_pipe
 def _config_show(args: argparse.Namespace) -> int:
     if args.remote:
         return _run_http(_config_remote, args)
@@ -304,8 +359,13 @@ def _config_remote(api: AdminAPI, args: argparse.Namespace) -> Any:
     out = api.call("GET", "/v1/config")["config"]
     if args.format == "json":
         return out
-    print(json.dumps(out, indent=2))
+    sys.stdout.write(toml_of(out))
     return None
+
+
+@_quiet_on_broken_pipe
+def _run(args: argparse.Namespace) -> int:
+    return _run_http(args.handler, args)
 
 
 def _run_http(handler: Handler, args: argparse.Namespace) -> int:
@@ -342,7 +402,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
         p = subparsers.add_parser(name, parents=[http], help=help_, description=help_)
-        p.set_defaults(func=lambda args: _run_http(handler, args))
+        p.set_defaults(func=_run, handler=handler)
         return p
 
     add("stats", _stats, "per-tier, per-namespace statistics of a node")
@@ -371,7 +431,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             p.add_argument("prefix", help="prefix hash of the block (64 hex digits)")
         if what == "namespace":
             p.add_argument("--yes", action="store_true", help="confirm")
-        p.set_defaults(func=lambda args: _run_http(_rm, args))
+        p.set_defaults(func=_run, handler=_rm)
 
     pol = add("policy", _policy, "change a namespace's TTL and quota (admin)")
     pol.add_argument("namespace")

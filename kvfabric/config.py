@@ -432,6 +432,26 @@ class Settings(BaseSettings):
         """The effective configuration as plain JSON-able data, secrets masked, unset keys left out."""
         return _drop_none(self.model_dump(mode="json"))
 
+    def overridden(self, **sections: dict[str, Any]) -> Settings:
+        """These settings with keys of whole sections replaced, e.g. ``overridden(store={"ram_bytes": n})``, and
+        validated as the file's values are; ``None`` values are left out. For command-line flags, which win over the
+        file and the environment (building ``Settings`` again would let the environment win)."""
+        update: dict[str, BaseModel] = {}
+        for name, values in sections.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            if not given:
+                continue
+            section = getattr(self, name)
+            try:
+                update[name] = type(section).model_validate({**section.model_dump(), **given})
+            except ValidationError as exc:
+                bad = "; ".join(
+                    f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors(include_url=False)
+                )
+                raise ConfigError(f"invalid setting from the command line: {bad}") from exc
+        return self.model_copy(update=update)
+
 
 # --- loading -----------------------------------------------------------------------------------------------------
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -503,8 +523,13 @@ def dumps_json(settings: Settings) -> str:
 def dumps_toml(settings: Settings) -> str:
     """The effective configuration as TOML (secrets masked); reading it back gives the same settings, except that
     masked secrets must be filled in again."""
+    return toml_of(settings.masked())
+
+
+def toml_of(config: dict[str, Any]) -> str:
+    """Plain configuration data (``Settings.masked()``, or a node's ``/v1/config``) as TOML."""
     out: list[str] = []
-    _toml_table(out, [], settings.masked())
+    _toml_table(out, [], config)
     return "\n".join(out).strip() + "\n"
 
 

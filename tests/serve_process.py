@@ -10,12 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_serve(config: Path, home: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process."""
+def start_serve(config: Path, home: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process. ``extra``: more
+    ``kvfabric serve`` flags."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--admin-port", "0",
-         "--no-nixl", "--log-level", "WARNING"],
+         "--no-nixl", "--log-level", "WARNING", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -28,8 +28,8 @@ LATENCY_BUCKETS_S = (
 
 _TIER_COUNTERS = (
     # (TierSnapshot field, metric base name, help)
-    ("hits", "kvfabric_tier_hits", "Reads served by the tier."),
-    ("misses", "kvfabric_tier_misses", "Reads the tier could not serve."),
+    ("hits", "kvfabric_tier_hits", "Client reads served by the tier (the store's internal reads not counted)."),
+    ("misses", "kvfabric_tier_misses", "Client reads asked of the tier that it could not serve."),
     ("corrupt", "kvfabric_tier_corrupt_blocks", "Blocks whose checksum failed on read (dropped, never served)."),
     ("puts", "kvfabric_tier_puts", "Blocks written to the tier."),
     ("deletes", "kvfabric_tier_deletes", "Blocks deleted from the tier."),

@@ -132,4 +132,7 @@ def errors(ctx: Ctx, _: Annotated[Principal, Depends(require("read", node_wide=T
 
 @router.get("/config", response_model=ConfigOut, summary="Effective configuration, secrets masked (admin)")
 def config(ctx: Ctx, _: Annotated[Principal, Depends(require("admin"))]) -> ConfigOut:
-    return ConfigOut(config=ctx.settings.masked())
+    shown = ctx.settings.masked()
+    # The disk tier's size as the store runs it: an unset disk_bytes means a default, 0 means no disk tier.
+    shown.setdefault("store", {})["disk_bytes"] = ctx.store.config.disk_capacity or 0
+    return ConfigOut(config=shown)

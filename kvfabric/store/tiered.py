@@ -8,7 +8,10 @@ What it adds to the tiers (``docs/tiers.md`` has one paragraph per policy):
   the background flusher of ``start``, and by demotion when RAM evicts it);
 - promotion on hit (a block read from a lower tier is copied into RAM, subject to the RAM policy's admission),
   demotion on eviction, RAM high/low watermarks;
-- pins across tiers, TTL and byte quotas per namespace, per-namespace/per-model usage.
+- pins across tiers, TTL and byte quotas per namespace, per-namespace/per-model usage;
+- read counts per tier that mean what they say: a hit or a miss is counted once for each tier a client's read
+  actually asked (RAM, then each tier below until one has the block); the store's own reads (promotion, write-back,
+  demotion, compaction) count as nothing. ``tier_stats`` reports these in place of the tiers' own counters.
 
 Locking, outermost first; a thread takes these only in this order, which is what keeps it deadlock-free:
 
@@ -100,6 +103,14 @@ class _Counters:
     last_flush_error: str | None = None
 
 
+@dataclass(slots=True)
+class _Reads:
+    """Reads one tier was asked on behalf of clients (guarded by the store lock)."""
+
+    hits: int = 0
+    misses: int = 0
+
+
 class TieredStore:
     """The node's block store. Build it with :meth:`open`; the constructor takes already-built tiers."""
 
@@ -126,6 +137,7 @@ class TieredStore:
         self._catalog = Catalog()
         self._backlog: dict[TierId, OrderedDict[BlockKey, None]] = {t.tier_id: OrderedDict() for t in self._lower}
         self._counters = _Counters()
+        self._reads = {t.tier_id: _Reads() for t in self._tiers}
         self._models = ModelRegistry(config.data_dir)
         self._pins = PinRegistry(config.data_dir)
         self._stop = threading.Event()
@@ -232,11 +244,13 @@ class TieredStore:
         self._check_open()
         block = self._ram.get(key)
         if block is None:
+            self._count_read(self._ram, hit=False)
             return self._get_below(key)
         if self._expired(block.meta):
+            self._count_read(self._ram, hit=False)
             self._expire(key)
             return None
-        self._touch(key)
+        self._touch(key, served_by=self._ram)
         return block
 
     def get_many(self, keys: Iterable[BlockKey]) -> list[Block | None]:
@@ -248,10 +262,12 @@ class TieredStore:
         meta = self._ram.get_into(key, out)
         if meta is not None:
             if self._expired(meta):
+                self._count_read(self._ram, hit=False)
                 self._expire(key)
                 return None
-            self._touch(key)
+            self._touch(key, served_by=self._ram)
             return meta
+        self._count_read(self._ram, hit=False)
         block = self._get_below(key)
         if block is None:
             return None
@@ -295,32 +311,57 @@ class TieredStore:
     # --- leases (the shm fast path) --------------------------------------------------------------------------------
     def acquire(self, key: BlockKey, *, promote: bool = True) -> Lease | None:
         """A read lease on the block in the RAM arena, promoting it from below if need be; ``None`` on a miss or
-        when RAM has no room (everything there pinned or leased): the caller falls back to ``get``.
+        when RAM has no room (everything there pinned or leased). A caller that wants the block in any case calls
+        :meth:`acquire_or_get`: ``acquire`` then ``get`` would read (and count) a miss twice.
 
         ``promote=False`` only looks in RAM and never touches a lower tier, so it does no disk or network I/O: an
-        event loop can call it inline and hand the misses to a thread."""
+        event loop can call it inline and hand the misses to a thread. Such a miss is counted only when the store
+        has no tier below RAM: otherwise the caller asks again (``acquire`` or ``acquire_or_get``) and that read
+        counts."""
+        got = self._lease_or_copy(key, promote=promote)
+        return got if isinstance(got, Lease) else None
+
+    def acquire_or_get(self, key: BlockKey) -> Lease | Block | None:
+        """A lease as :meth:`acquire` gives, else, when RAM has no room for the block, the copy read from below (as
+        :meth:`get` gives); ``None`` on a miss. One read of the lower tiers, counted once."""
+        return self._lease_or_copy(key, promote=True)
+
+    def _lease_or_copy(self, key: BlockKey, *, promote: bool) -> Lease | Block | None:
         self._check_open()
+        counted = False  # the read is counted once, however many rounds it takes
+        block: Block | None = None
         for _ in range(3):  # a promoted block can be evicted again before we lease it; retry a little
             lease = self._ram.acquire(key)
             if lease is not None:
                 if self._expired(lease.meta):
                     self._ram.release(lease)
+                    if not counted:
+                        self._count_read(self._ram, hit=False)
                     self._expire(key)
                     return None
-                self._touch(key)
+                self._touch(key, served_by=None if counted else self._ram)
                 return lease
             if not promote:
+                if not self._lower:
+                    self._count_read(self._ram, hit=False)
                 return None
-            found = self._read_lower(key)
+            if not counted:
+                self._count_read(self._ram, hit=False)
+            found = self._read_lower(key, count=not counted)
             if found is None:
                 return None
             block, source = found
             if self._expired(block.meta):
+                if not counted:
+                    self._count_read(source, hit=False)
                 self._expire(key)
                 return None
+            if not counted:
+                self._count_read(source, hit=True)
+                counted = True
             if not self._promote(block, source, force=True):
-                return None
-        return None
+                return block  # RAM has no room: the copy already read
+        return block
 
     def release(self, lease: Lease) -> bool:
         return self._ram.release(lease)
@@ -482,7 +523,15 @@ class TieredStore:
 
     # --- stats -----------------------------------------------------------------------------------------------------
     def tier_stats(self) -> dict[TierId, TierStats]:
-        return {t.tier_id: t.stats() for t in self._tiers}
+        """Each tier's counters, except ``hits`` and ``misses``: those are the store's, counting only reads asked on
+        behalf of clients (the tiers' own, ``tier(id).stats()``, also count the store's internal reads)."""
+        with self._lock:
+            reads = {tier_id: (r.hits, r.misses) for tier_id, r in self._reads.items()}
+        out = {}
+        for t in self._tiers:
+            hits, misses = reads[t.tier_id]
+            out[t.tier_id] = replace(t.stats(), hits=hits, misses=misses)
+        return out
 
     def tier(self, tier_id: TierId) -> Tier:
         """One of the store's tiers, for what only it can tell (the object tier's upload stats, the disk's usage).
@@ -732,27 +781,33 @@ class TieredStore:
 
     # --- the read path ---------------------------------------------------------------------------------------------
     def _get_below(self, key: BlockKey) -> Block | None:
-        """A RAM miss: read the nearest lower tier holding ``key`` and promote the block."""
-        found = self._read_lower(key)
+        """A client's read that missed RAM (already counted there): read the nearest lower tier holding ``key``
+        and promote the block."""
+        found = self._read_lower(key, count=True)
         if found is None:
             return None
         block, source = found
         if self._expired(block.meta):
+            self._count_read(source, hit=False)
             self._expire(key)
             return None
         self._promote(block, source, force=False)
-        self._touch(key)
+        self._touch(key, served_by=source)
         return block
 
-    def _read_lower(self, key: BlockKey) -> tuple[Block, Tier] | None:
+    def _read_lower(self, key: BlockKey, *, count: bool) -> tuple[Block, Tier] | None:
+        """The block from the nearest lower tier holding it. With ``count``, each tier that could not serve it is
+        counted as a miss; the caller counts the tier that did (after checking the block's TTL)."""
         for tier in self._lower:
             try:
                 block = tier.get(key)
             except TierUnavailableError:
                 self._count("unavailable")
-                continue
+                block = None
             if block is not None:
                 return block, tier
+            if count:
+                self._count_read(tier, hit=False)
         return None
 
     def _promote(self, block: Block, source: Tier, *, force: bool) -> bool:
@@ -781,9 +836,21 @@ class TieredStore:
         self._count("promotions")
         return True
 
-    def _touch(self, key: BlockKey) -> None:
+    def _touch(self, key: BlockKey, *, served_by: Tier | None) -> None:
+        """A client read got ``key``: refresh its recency, and count a hit for the tier that served it (``None``:
+        already counted)."""
         with self._lock:
             self._catalog.touch(key)
+            if served_by is not None:
+                self._reads[served_by.tier_id].hits += 1
+
+    def _count_read(self, tier: Tier, *, hit: bool) -> None:
+        with self._lock:
+            reads = self._reads[tier.tier_id]
+            if hit:
+                reads.hits += 1
+            else:
+                reads.misses += 1
 
     # --- removal ---------------------------------------------------------------------------------------------------
     def _remove_everywhere(self, key: BlockKey) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -75,16 +74,6 @@ def _tokens(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _store_config(args: argparse.Namespace, settings: Settings) -> StoreConfig:
-    """The store's config: the settings, with ``--data-dir`` and ``--ram-bytes`` applied over them."""
-    fields: dict[str, Any] = {}
-    if args.data_dir is not None:
-        fields["data_dir"] = args.data_dir
-    if args.ram_bytes is not None:
-        fields["ram_bytes"] = args.ram_bytes
-    return dataclasses.replace(settings.store_config(), **fields)
-
-
 def _open_store(store_config: StoreConfig, events: EventSink | None) -> Any:
     from kvfabric.store.tiered import TieredStore
 
@@ -101,7 +90,7 @@ def _keying_secret(args: argparse.Namespace, settings: Settings) -> KeyingSecret
     return resolve_secret(
         secret_file=args.secret_file or srv.secret_file,
         configured=srv.server_secret.get_secret_value() if srv.server_secret is not None else None,
-        data_dir=args.data_dir or settings.store.data_dir,
+        data_dir=settings.store.data_dir,
         shared=f"s3://{obj.bucket}/{obj.prefix}" if obj.enabled else None,
     )
 
@@ -135,6 +124,15 @@ def _server_config(args: argparse.Namespace, store: Any, settings: Settings, key
         host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
         tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
     )  # fmt: skip
+
+
+def _effective(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with the flags given on the command line in them: what the node runs on and ``/v1/config``
+    shows."""
+    return settings.overridden(
+        store={"data_dir": args.data_dir, "ram_bytes": args.ram_bytes},
+        server={"host": args.host, "port": args.port, "admin_port": args.admin_port},
+    )
 
 
 def _admin_port(args: argparse.Namespace, settings: Settings) -> int | None:
@@ -251,14 +249,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = None
     try:
-        settings = load_settings(args.config)
+        settings = _effective(args, load_settings(args.config))
         admin_port = _admin_port(args, settings)
         if admin_port is not None:
             _check_admin_auth(args, settings)
         else:
             _say("the admin API, /metrics and the dashboard are off: start with --admin-port PORT to serve them")
         keying = _keying_secret(args, settings)
-        store_config = _store_config(args, settings)
+        store_config = settings.store_config()
         _warn_at_start(settings, store_config, keying)
         from kvfabric.startup import probe_object_store
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from kvfabric.record import Block
 from kvfabric.store.tiered import TieredStore
 from tests.api.conftest import SPEC_B, TOKENS, LiveServer
 from tests.blocks import SPEC
+from tests.engines.fabric import serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,3 +171,54 @@ def test_ls_blocks_pins_and_rm_prefix(
     code, out, _ = run(capsys, url, "a-write", "rm", "prefix", "tenant-a", fp, chain[3].key.prefix.hex())
     assert (code, out.strip()) == (0, "deleted 2 block(s)")
     assert [store.head(b.key) is not None for b in chain] == [True, True, True, False, False]
+
+
+def test_config_show_remote_prints_toml(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    token = TOKENS["admin"]["token"]
+    assert main(["config", "show", "--remote", "--format", "json", "--url", url, "--token", token]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert main(["config", "show", "--remote", "--format", "toml", "--url", url, "--token", token]) == 0
+    as_toml = tomllib.loads(capsys.readouterr().out)
+    assert as_toml == as_json
+    assert as_toml["store"]["disk_bytes"] == 256 << 20 and as_toml["server"]["server_secret"] == "**********"
+
+
+def test_stats_into_a_closed_pipe_exits_quietly(url: str) -> None:
+    """``kvfabric stats | head``: the reader went away before the output was written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KVFABRIC_ADMIN_URL": url, "KVFABRIC_TOKEN": TOKENS["admin"]["token"]}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvfabric", "stats"], env=env, stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 128 + signal.SIGPIPE
+
+
+def test_stats_piped_to_head_prints_the_first_lines(url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KVFABRIC_ADMIN_URL": url, "KVFABRIC_TOKEN": TOKENS["admin"]["token"]}
+    proc = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m kvfabric stats | head -n 1"], env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    assert proc.stdout.startswith("node test-node") and proc.stderr == ""
+
+
+def test_a_url_with_the_api_path_gets_a_hint(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    code, _, err = run(capsys, url + "/v1/", "admin", "stats")
+    assert code == 1 and "404" in err
+    assert f"without /v1: --url {url}" in err
+
+
+def test_a_url_of_the_data_plane_gets_a_hint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "kvfabric://127.0.0.1:9500", "admin", "stats")
+    assert code == 2 and "not an http(s) URL" in err and "try --url http://127.0.0.1:9501" in err
+    with serve(tmp_path / "fabric") as fabric:  # a real data plane, asked in HTTP
+        port = fabric.url.rsplit(":", 1)[1]
+        code, _, err = run(capsys, f"http://127.0.0.1:{port}", "admin", "stats")
+    assert code == 2 and "does not answer in HTTP" in err
+    assert "binary protocol" in err and "--admin-port" in err and "try --url http://127.0.0.1:9501" in err

@@ -232,3 +232,17 @@ def test_a_store_opens_from_settings(tmp_path: Path) -> None:
         assert store.tier_stats()["ram"].capacity_bytes == 8 << 20
     finally:
         store.close()
+
+
+def test_command_line_values_win_over_the_environment_and_keep_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVFABRIC_STORE__RAM_BYTES", "3GiB")
+    monkeypatch.setenv("KVFABRIC_SERVER__SERVER_SECRET", "secret-from-the-environment")
+    s = load_settings().overridden(store={"ram_bytes": 1 << 20, "data_dir": None}, server={"port": 0})
+    assert (s.store.ram_bytes, s.store.data_dir, s.server.port) == (1 << 20, None, 0)
+    assert s.server.server_secret is not None
+    assert s.server.server_secret.get_secret_value() == "secret-from-the-environment"  # untouched sections stay
+    assert s.store_config().ram_bytes == 1 << 20
+    with pytest.raises(ConfigError, match=r"store\.ram_bytes: .*negative"):
+        s.overridden(store={"ram_bytes": -1})
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        s.overridden(server={"port": 70000})
