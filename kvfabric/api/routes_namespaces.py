@@ -63,7 +63,7 @@ def set_policy(namespace: NamespaceParam, body: PolicyIn, ctx: Ctx, principal: A
     return policy_out(ctx, ns)
 
 
-@router.get("/models", response_model=list[ModelOut], summary="Registered models, with blocks held per model")
+@router.get("/models", response_model=list[ModelOut], summary="Registered models, with blocks held per model (a namespace-scoped token: those its namespaces hold)")
 def list_models(ctx: Ctx, principal: Reader) -> list[ModelOut]:
     snap = ctx.snapshot()
     usage: dict[str, tuple[int, int]] = {}
@@ -75,6 +75,8 @@ def list_models(ctx: Ctx, principal: Reader) -> list[ModelOut]:
     out = []
     for spec in ctx.store.models():
         fp = spec.fingerprint().hex()
+        if fp not in usage and not principal.all_namespaces:
+            continue  # the registry is node-wide: a tenant sees only the models its namespaces hold blocks of
         blocks, nbytes = usage.get(fp, (0, 0))
         out.append(ModelOut(fingerprint=fp, spec=spec.to_dict(), blocks=blocks, bytes=nbytes))
     return out

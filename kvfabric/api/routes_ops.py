@@ -1,4 +1,4 @@
-"""Node maintenance: tier configuration, eviction and compaction triggers (admin)."""
+"""Node maintenance: tier configuration, eviction and compaction triggers (all namespaces; admin to act)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from kvfabric.ids import TierId
 
 router = APIRouter(prefix="/v1", tags=["operations"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
-Admin = Annotated[Principal, Depends(require("admin"))]
+# Node-wide operations and views: eviction and compaction act on every tenant's blocks, and the tiers' sizes and
+# recovery reports describe the whole node, so they need a token for all namespaces.
+NodeAdmin = Annotated[Principal, Depends(require("admin", node_wide=True))]
+NodeReader = Annotated[Principal, Depends(require("read", node_wide=True))]
 
 
 @router.get("/tiers", response_model=TiersOut, summary="Tier configuration: capacity, persistence, codec, policy")
-def tiers(ctx: Ctx, _: Annotated[Principal, Depends(require("read"))]) -> TiersOut:
+def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
     config = ctx.store.config
     stats = ctx.store.tier_stats()
     nearest = ctx.store.tiers[0]  # RAM: every put lands there first
@@ -58,12 +61,12 @@ def _recovery(tier: object) -> RecoveryOut | None:
     responses={400: {"model": ErrorBody, "description": "unparseable body"}, 404: {"model": ErrorBody}},
     summary="Evict bytes from a tier now (demoting what lower tiers lack; pinned blocks stay)",
 )
-def evict(body: EvictIn, ctx: Ctx, _: Admin) -> Evicted:
+def evict(body: EvictIn, ctx: Ctx, _: NodeAdmin) -> Evicted:
     if body.tier not in ctx.store.tiers:
         raise HTTPException(404, f"no tier '{body.tier}' on this node; tiers: {', '.join(ctx.store.tiers)}")
     return Evicted(tier=body.tier, evicted_bytes=ctx.store.evict(TierId(body.tier), body.bytes))
 
 
 @router.post("/compact", response_model=Compacted, summary="Compact the tiers that can (the disk tier) now")
-def compact(ctx: Ctx, _: Admin) -> Compacted:
+def compact(ctx: Ctx, _: NodeAdmin) -> Compacted:
     return Compacted(result=jsonable_encoder(ctx.store.compact()))

@@ -31,6 +31,7 @@ from kvfabric.api.storeview import NamespaceUsage
 router = APIRouter(prefix="/v1", tags=["stats"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
 Reader = Annotated[Principal, Depends(require("read"))]
+NodeReader = Annotated[Principal, Depends(require("read", node_wide=True))]
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -81,22 +82,26 @@ def stats(ctx: Ctx, principal: Reader) -> StatsOut:
         TierRates(t.tier, t.bytes, t.capacity_bytes, t.hits, t.misses, None, 0.0, 0.0) for t in snap.tiers
     )
     visible = [ns for ns in snap.namespaces if principal.may_access(ns.namespace)]
+    node = principal.all_namespaces  # tiers, counters and backlog mix every tenant's traffic: the node's view only
     return StatsOut(
         node_id=ctx.settings.store.node_id,
         version=kvfabric.__version__,
         time=snap.time,
         uptime_s=time.time() - ctx.started,
-        tiers=tiers,
+        view="node" if node else "namespaces",
+        tiers=tiers if node else [],
         totals=Totals(
             blocks=sum(ns.blocks for ns in visible),
             bytes=sum(ns.bytes for ns in visible),
-            hit_rate=node_hit_rate(since_start),
+            hit_rate=node_hit_rate(since_start) if node else None,
         ),
         namespaces=[namespace_out(ctx, ns) for ns in visible],
-        upload_backlog_bytes=snap.upload_backlog_bytes,
+        upload_backlog_bytes=snap.upload_backlog_bytes if node else None,
         store=StoreCountersOut(
             **{f: getattr(snap.counters, f) for f in StoreCountersOut.model_fields}  # same names, by design
-        ),
+        )
+        if node
+        else None,
     )
 
 
@@ -114,8 +119,12 @@ def _point_out(p: HistoryPoint) -> HistoryPointOut:
     )  # fmt: skip
 
 
-@router.get("/stats/history", response_model=HistoryOut, summary="Node-wide rates over the last hour (sampled)")
-def history(ctx: Ctx, _: Reader) -> HistoryOut:
+@router.get(
+    "/stats/history",
+    response_model=HistoryOut,
+    summary="Node-wide rates over the last hour, sampled (read scope, all namespaces)",
+)
+def history(ctx: Ctx, _: NodeReader) -> HistoryOut:
     return HistoryOut(
         interval_s=ctx.settings.server.stats_interval_s, points=[_point_out(p) for p in ctx.history.points()]
     )
@@ -126,12 +135,14 @@ def history(ctx: Ctx, _: Reader) -> HistoryOut:
     response_model=list[ErrorEntryOut],
     summary="Recent errors, newest last (read scope, all namespaces)",
 )
-def errors(ctx: Ctx, _: Annotated[Principal, Depends(require("read", node_wide=True))]) -> list[ErrorEntryOut]:
+def errors(ctx: Ctx, _: NodeReader) -> list[ErrorEntryOut]:
     return [ErrorEntryOut(time=e.time, kind=e.kind, message=e.message) for e in ctx.errors.entries()]
 
 
-@router.get("/config", response_model=ConfigOut, summary="Effective configuration, secrets masked (admin)")
-def config(ctx: Ctx, _: Annotated[Principal, Depends(require("admin"))]) -> ConfigOut:
+@router.get(
+    "/config", response_model=ConfigOut, summary="Effective configuration, secrets masked (admin, all namespaces)"
+)
+def config(ctx: Ctx, _: Annotated[Principal, Depends(require("admin", node_wide=True))]) -> ConfigOut:
     shown = ctx.settings.masked()
     # The disk tier's size as the store runs it: an unset disk_bytes means a default, 0 means no disk tier.
     shown.setdefault("store", {})["disk_bytes"] = ctx.store.config.disk_capacity or 0

@@ -90,11 +90,15 @@ class StatsOut(BaseModel):
     version: str
     time: float
     uptime_s: float
+    view: Literal["node", "namespaces"]
+    """``node``: a token for all namespaces sees the whole node. ``namespaces``: any other token sees only its
+    namespaces' blocks and bytes; the tiers, the store's counters and the upload backlog (node-wide, every tenant's
+    traffic in them) are left out."""
     tiers: list[TierOut]
     totals: Totals
     namespaces: list[NamespaceOut]
-    upload_backlog_bytes: int
-    store: StoreCountersOut
+    upload_backlog_bytes: int | None
+    store: StoreCountersOut | None
 
 
 class TierRatesOut(BaseModel):

@@ -27,6 +27,7 @@ TOKENS = {
     "a-read": {"token": "aread-token-0123456789", "tenant": "tenant-a", "scopes": ["read"]},
     "a-write": {"token": "awrite-token-0123456789", "tenant": "tenant-a", "scopes": ["write"]},
     "b-write": {"token": "bwrite-token-0123456789", "tenant": "tenant-b", "scopes": ["write"]},
+    "a-admin": {"token": "aadmin-token-0123456789", "tenant": "tenant-a", "scopes": ["admin"]},
 }
 
 

@@ -87,9 +87,12 @@
     ["evictions", "evictions", "count"], ["corrupt", "corrupt", "count"],
   ];
 
+  const NODE_ONLY = "node-wide: needs a token for all namespaces";
+
   function renderTiers(stats) {
     const box = $("tiers");
     box.replaceChildren();
+    if (stats.view !== "node") { box.append(el("p", { class: "none", "data-view": stats.view }, "tiers: " + NODE_ONLY)); }
     for (const t of stats.tiers) {
       const card = el("div", { class: "card", "data-tier": t.tier });
       card.style.setProperty("--c", TIER_COLORS[t.tier] || "#888");
@@ -119,6 +122,7 @@
   function renderStore(stats) {
     const dl = $("store-counters");
     dl.replaceChildren();
+    if (!stats.store) { dl.append(el("dd", { class: "none" }, NODE_ONLY)); return; }
     for (const [field, label, kind] of STORE_ROWS) {
       dl.append(el("dt", {}, label), num("dd", stats.store[field], kind, { "data-field": "store." + field }));
     }
@@ -250,7 +254,7 @@
   }
 
   function renderCharts(hist) {
-    const pts = hist.points;
+    const pts = hist ? hist.points : [];
     const xRange = pts.length >= 2 ? [pts[0].time, pts[pts.length - 1].time] : undefined;
     const tiers = [...new Set(pts.flatMap((p) => p.tiers.map((t) => t.tier)))];
     const color = (t) => getComputedStyle(document.body).getPropertyValue("--" + t).trim() || "#888";
@@ -288,7 +292,10 @@
   async function refresh() {
     clearTimeout(timer);
     try {
-      const [stats, hist] = await Promise.all([getJSON("/v1/stats"), getJSON("/v1/stats/history")]);
+      const [stats, hist] = await Promise.all([
+        getJSON("/v1/stats"),
+        getJSON("/v1/stats/history").catch((e) => { if (e.status === 403) return null; throw e; }),
+      ]);
       let errors = [], denied = null;
       try { errors = await getJSON("/v1/errors"); } catch (e) {
         if (e.status !== 403) throw e;
