@@ -83,7 +83,8 @@ def stack() -> Iterator[Stack]:
         pytest.skip("podman-compose is not installed (bash .ci/containers.sh installs it)")
     for service, image in compose_images().items():
         pm.build(DOCKERFILES[service], f"localhost/{image}")
-    ports = {name: pm.free_port() for name in ("S3_PORT", "KVFABRIC_DATA_PORT", "KVFABRIC_ADMIN_PORT", "PROMETHEUS_PORT")}
+    names = ("S3_PORT", "KVFABRIC_DATA_PORT", "KVFABRIC_ADMIN_PORT", "PROMETHEUS_PORT")
+    ports = {name: pm.free_port() for name in names}
     env = pm.env() | {k: str(v) for k, v in ports.items()}
     env["KVFABRIC_SERVER__SERVER_SECRET"] = uuid.uuid4().hex * 2
     s = Stack(f"kvfabric-test-{uuid.uuid4().hex[:8]}", env, ports)

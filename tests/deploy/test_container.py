@@ -4,6 +4,7 @@ serves every block byte for byte."""
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -77,7 +78,15 @@ def test_the_image_keeps_every_block_across_a_sigterm_and_a_new_container(image:
     try:
         # The image's own HEALTHCHECK passes, and the node runs as the image's unprivileged user.
         assert pm.podman("healthcheck", "run", node.name, check=False).returncode == 0, node.logs()
+        wrong_port = pm.podman("exec", "-e", "KVFABRIC_SERVER__ADMIN_PORT=1", node.name, "python3",
+                               "/opt/kvfabric/healthcheck.py", check=False)  # fmt: skip
+        assert wrong_port.returncode == 1 and "port 1" in wrong_port.stderr
         assert pm.podman("exec", node.name, "id", "-un").stdout.strip() == "kvfabric"
+        # The wheel inside carries the dashboard: its page and assets are served.
+        for path, marker in (("/", b"/dashboard/dashboard.js"), ("/dashboard/dashboard.js", b"function"),
+                             ("/dashboard/dashboard.css", b"{")):  # fmt: skip
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}{path}", timeout=10) as r:
+                assert r.status == 200 and marker in r.read(), path
         with Client(node.url) as c:
             assert c.put(SPEC, tokens, kv) == N_BLOCKS
             got = c.get(SPEC, tokens)
