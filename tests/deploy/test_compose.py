@@ -95,8 +95,10 @@ def stack() -> Iterator[Stack]:
         yield s
     finally:
         s.compose("down", "-v", "-t", "30")
-        left = pm.podman("ps", "-a", "-q", "--filter", f"label=io.podman.compose.project={s.project}").stdout
-        assert not left.strip(), f"containers left after down: {left}"
+        label = f"label=io.podman.compose.project={s.project}"
+        left = pm.podman("ps", "-a", "-q", "--filter", label).stdout
+        left += pm.podman("volume", "ls", "-q", "--filter", label).stdout
+        assert not left.strip(), f"containers or volumes left after down -v: {left}"
 
 
 def node_config() -> dict:
@@ -128,18 +130,19 @@ def test_the_stack_serves_blocks_uploads_them_to_seaweedfs_and_is_scraped(stack:
         time.sleep(1)
     assert keys, f"nothing uploaded to s3://{obj['bucket']}/{obj['prefix']} in 90 s"
 
-    # Prometheus scrapes the node's /metrics with the read token of prometheus.yml.
+    # Prometheus scrapes the node's /metrics with the read token of prometheus.yml. A scrape may have found the
+    # node still restarting (compose here starts it before SeaweedFS answers): wait for one that succeeds.
     url = f"http://127.0.0.1:{stack.ports['PROMETHEUS_PORT']}/api/v1/targets"
+    want = [(f"http://kvfabric:{cfg['server']['admin_port']}/metrics", "up", "")]
     deadline = time.monotonic() + 90
     while True:
         with urllib.request.urlopen(url, timeout=5) as r:
             targets = json.load(r)["data"]["activeTargets"]
         states = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]
-        if states and states[0][1] != "unknown":
+        if states == want:
             break
-        assert time.monotonic() < deadline, f"Prometheus has not scraped in 90 s: {states}"
+        assert time.monotonic() < deadline, f"no successful scrape by Prometheus in 90 s: {states}"
         time.sleep(2)
-    assert states == [(f"http://kvfabric:{cfg['server']['admin_port']}/metrics", "up", "")]
 
 
 def test_a_killed_node_is_restarted_by_its_policy_and_keeps_its_blocks(stack: Stack) -> None:
