@@ -10,10 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_serve(config: Path, home: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+def start_serve(
+    config: Path, home: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str, str]:
     """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process. ``extra``: more
-    ``kvfabric serve`` flags."""
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home)}
+    ``kvfabric serve`` flags; ``env``: more environment variables (KVFABRIC_* settings) for the node."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home), **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--admin-port", "0",
          "--no-nixl", "--log-level", "WARNING", *extra],
