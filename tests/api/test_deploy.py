@@ -182,7 +182,7 @@ def test_helm_defaults_start_a_node_whose_metrics_token_works(tmp_path: Path) ->
     env |= {"KVFABRIC_STORE__DATA_DIR": str(tmp_path / "data"), "KVFABRIC_STORE__RAM_BYTES": "64MiB",
             "KVFABRIC_STORE__DISK_BYTES": "256MiB"}  # fmt: skip
     secret = objs[("Secret", "rel")]["stringData"]
-    proc, _, admin = start_serve(cfg, tmp_path, env)
+    proc, _, admin = start_serve(cfg, tmp_path, env=env)
     try:
         with httpx.Client(base_url=admin, timeout=30) as http:
             assert http.get("/healthz").status_code == 200
