@@ -34,6 +34,7 @@ from kvfabric.codec import Codec
 from kvfabric.errors import (
     BlockTooLargeError,
     ConfigError,
+    DiskFullError,
     InvalidBlockError,
     KVFabricError,
     QuotaExceededError,
@@ -674,7 +675,8 @@ class TieredStore:
         try:
             tier.put(block)
         except TierFullError as exc:
-            if tier.capabilities.evicts:
+            # a full filesystem is not the tier's capacity: evicting its blocks would not make lasting room
+            if tier.capabilities.evicts or isinstance(exc, DiskFullError):
                 raise
             raise _LowerTierFull(tier, exc) from exc
 
@@ -870,7 +872,7 @@ class TieredStore:
                     self._drain_backlog(tier)
                     break
                 except TierFullError as exc:
-                    if attempt == 0 and not tier.capabilities.evicts:
+                    if attempt == 0 and not tier.capabilities.evicts and not isinstance(exc, DiskFullError):
                         self._make_room(tier, 0)  # a full disk: evict its oldest and try again
                         continue
                     self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
