@@ -485,6 +485,10 @@ class TieredStore:
     def tier_stats(self) -> dict[TierId, TierStats]:
         return {t.tier_id: t.stats() for t in self._tiers}
 
+    def tier_conditions(self) -> dict[TierId, str]:
+        """The tiers that refuse writes now, and why (a full disk); empty when every tier takes writes."""
+        return {t.tier_id: c for t in self._tiers if (c := t.condition()) is not None}
+
     def tier(self, tier_id: TierId) -> Tier:
         """One of the store's tiers, for what only it can tell (the object tier's upload stats, the disk's usage).
         Write through the store, not through the tier, or the store's books go wrong."""
@@ -506,8 +510,20 @@ class TieredStore:
             c = replace(self._counters)
         return StoreStats(
             c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
-            c.writeback_dropped, c.flush_errors, c.unavailable, c.room_made, c.last_flush_error,
+            c.writeback_dropped, c.flush_errors, c.unavailable + self._unavailable_inside_tiers(), c.room_made,
+            c.last_flush_error,
         )  # fmt: skip
+
+    def _unavailable_inside_tiers(self) -> int:
+        """Outage events a shared tier absorbs itself and never raises to the store: uploads that failed in its
+        background uploader, reads it answered as misses because the store was down (the object tier)."""
+        total = 0
+        for tier in self._lower:
+            object_stats = getattr(tier, "object_stats", None)
+            if callable(object_stats):
+                s = object_stats()
+                total += s.upload_failures + s.unavailable_misses
+        return total
 
     @property
     def tiers(self) -> list[TierId]:
@@ -879,6 +895,8 @@ class TieredStore:
                     first = first or exc
                 except KVFabricError as exc:
                     self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                    if isinstance(exc, TierUnavailableError):
+                        self._count("unavailable")  # an outage, not only a failed flush
                     first = first or exc
                     break
         return first
