@@ -14,6 +14,7 @@ backend or transport that raised them, and re-raised with ``from exc`` so the ca
     │   └── ChecksumMismatchError  payload bytes do not match the header's checksum
     ├── StoreError                 a tier failed (I/O, full, unavailable)
     │   ├── TierFullError
+    │   │   └── DiskFullError      the filesystem under the tier is out of space (not the tier's own capacity)
     │   └── TierUnavailableError
     ├── ProtocolError              the wire protocol was violated
     │   ├── FrameTooLargeError
@@ -92,6 +93,12 @@ class StoreError(KVFabricError):
 
 class TierFullError(StoreError):
     """The tier has no room for the block (capacity reached and nothing evictable, or the disk is full)."""
+
+
+class DiskFullError(TierFullError):
+    """The filesystem under a tier ran out of space (ENOSPC, a quota, a file-size limit): unlike a tier at its own
+    capacity, evicting the tier's blocks is not the answer. Reads and deletes go on; writes resume by themselves
+    once space is freed."""
 
 
 class TierUnavailableError(StoreError):

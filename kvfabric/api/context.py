@@ -28,6 +28,7 @@ class AdminContext:
     started: float = field(default_factory=time.time)
     _last_corrupt: dict[str, int] = field(default_factory=dict)
     _last_flush_error: str | None = None
+    _last_conditions: dict[str, str] = field(default_factory=dict)
 
     def snapshot(self) -> StoreSnapshot:
         return take_snapshot(self.store)
@@ -46,6 +47,11 @@ class AdminContext:
         if error is not None and error != self._last_flush_error:
             self.errors.record("flush", error)
         self._last_flush_error = error
+        for tier, condition in snap.conditions.items():
+            if tier not in self._last_conditions:  # once per episode: it became full
+                self.errors.record("tier_full", f"the {tier} tier refuses puts: {condition}")
+                self.metrics.errors.labels("tier_full").inc()
+        self._last_conditions = dict(snap.conditions)
         self.history.record(snap)
         return snap
 

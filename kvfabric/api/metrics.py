@@ -47,7 +47,8 @@ _STORE_COUNTERS = (
     ("quota_evictions", "kvfabric_store_quota_evictions", "Blocks evicted to keep a namespace under its quota."),
     ("writeback_dropped", "kvfabric_store_writeback_dropped", "Write-back copies skipped (backlog overflow)."),
     ("flush_errors", "kvfabric_store_flush_errors", "Failed write-back flushes (retried later)."),
-    ("unavailable", "kvfabric_store_unavailable", "Reads or writes a shared tier could not serve."),
+    ("unavailable", "kvfabric_store_unavailable",
+     "Reads or writes a shared tier could not serve (its failed uploads and outage misses included)."),
 )
 
 
@@ -62,7 +63,12 @@ class StoreCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        blocks = GaugeMetricFamily("kvfabric_tier_blocks", "Blocks held by the tier.", labels=["tier"])
+        yield from _live_tier_families(snap)
+        blocks = GaugeMetricFamily(
+            "kvfabric_tier_blocks",
+            "Blocks held by the tier (object tier: uploaded plus pending upload, see kvfabric_object_*_blocks).",
+            labels=["tier"],
+        )
         stored = GaugeMetricFamily("kvfabric_tier_stored_bytes", "Payload bytes held by the tier.", labels=["tier"])
         capacity = GaugeMetricFamily("kvfabric_tier_capacity_bytes", "Capacity of the tier.", labels=["tier"])
         counters = {field: CounterMetricFamily(name, help_, labels=["tier"]) for field, name, help_ in _TIER_COUNTERS}
@@ -110,6 +116,53 @@ class StoreCollector:
             family = CounterMetricFamily(name, help_)
             family.add_metric([], getattr(snap.counters, field))
             yield family
+
+
+def _live_tier_families(snap: StoreSnapshot) -> Iterator[Metric]:
+    """Disk tiers' space condition and object tiers' upload state."""
+    full = GaugeMetricFamily(
+        "kvfabric_tier_full", "1 while the tier refuses puts because its filesystem is full.", labels=["tier"]
+    )
+    free = GaugeMetricFamily("kvfabric_disk_free_bytes", "Free space on the disk tier's filesystem.", labels=["tier"])
+    episodes = CounterMetricFamily("kvfabric_tier_full_episodes", "Times the disk tier became full.", labels=["tier"])
+    refused = CounterMetricFamily(
+        "kvfabric_tier_full_refused_puts", "Puts refused because the disk was full.", labels=["tier"]
+    )
+    reopens = CounterMetricFamily(
+        "kvfabric_disk_index_reopens", "RocksDB index reopens that cleared a sticky write error.", labels=["tier"]
+    )
+    for d in snap.disk_tiers:
+        full.add_metric([d.tier], 1 if d.full else 0)
+        free.add_metric([d.tier], d.free_bytes)
+        episodes.add_metric([d.tier], d.full_episodes)
+        refused.add_metric([d.tier], d.refused_puts)
+        reopens.add_metric([d.tier], d.index_reopens)
+    yield from (full, free, episodes, refused, reopens)
+    uploaded = GaugeMetricFamily(
+        "kvfabric_object_uploaded_blocks", "Blocks whose current copy is committed in the object store.",
+        labels=["tier"],
+    )  # fmt: skip
+    pending = GaugeMetricFamily(
+        "kvfabric_object_pending_blocks", "Blocks accepted by the object tier and not uploaded yet.", labels=["tier"]
+    )
+    items = GaugeMetricFamily(
+        "kvfabric_object_backlog_items", "Segments and tombstone lists waiting to upload.", labels=["tier"]
+    )
+    up = GaugeMetricFamily("kvfabric_object_store_up", "1 while the object store answers, 0 while down.", labels=["tier"])
+    failures = CounterMetricFamily(
+        "kvfabric_object_upload_failures", "Uploads to the object store that failed (retried later).", labels=["tier"]
+    )
+    misses = CounterMetricFamily(
+        "kvfabric_object_unavailable_misses", "Reads answered as misses because the object store was down.", labels=["tier"]
+    )
+    for o in snap.object_tiers:
+        uploaded.add_metric([o.tier], o.uploaded_blocks)
+        pending.add_metric([o.tier], o.pending_blocks)
+        items.add_metric([o.tier], o.backlog_items)
+        up.add_metric([o.tier], 0 if o.store_down else 1)
+        failures.add_metric([o.tier], o.upload_failures)
+        misses.add_metric([o.tier], o.unavailable_misses)
+    yield from (uploaded, pending, items, up, failures, misses)
 
 
 class Metrics:

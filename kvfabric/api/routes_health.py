@@ -25,15 +25,20 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "not ready: the store cannot answer"}},
-    summary="Readiness: the store answers a stats read (no auth)",
+    responses={503: {"model": Readiness, "description": "not ready: the store cannot answer, or a tier refuses writes"}},
+    summary="Readiness: the store answers a stats read and every tier takes writes (no auth)",
 )
 async def readyz(ctx: Ctx) -> Response:
     try:
         await asyncio.to_thread(ctx.store.tier_stats)
+        conditions = await asyncio.to_thread(ctx.store.tier_conditions)
     except Exception as exc:  # noqa: BLE001 - any failure to read the store means: send no traffic here
         body = Readiness(ready=False, detail=f"store not readable: {exc}")
         return JSONResponse(body.model_dump(), status_code=503)
+    if conditions:  # reads are still served, but a put sent here would fail: route writes elsewhere
+        degraded = {str(t): c for t, c in conditions.items()}
+        detail = "degraded: " + "; ".join(f"{t} tier: {c}" for t, c in degraded.items())
+        return JSONResponse(Readiness(ready=False, detail=detail, degraded=degraded).model_dump(), status_code=503)
     return JSONResponse(Readiness(ready=True, detail="ok").model_dump())
 
 

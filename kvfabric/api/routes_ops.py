@@ -9,7 +9,18 @@ from fastapi.encoders import jsonable_encoder
 
 from kvfabric.api.auth import Principal, require
 from kvfabric.api.context import AdminContext, get_context
-from kvfabric.api.schemas import Compacted, ErrorBody, Evicted, EvictIn, RecoveryOut, TierConfigOut, TiersOut
+from kvfabric.api.schemas import (
+    Compacted,
+    DiskStateOut,
+    ErrorBody,
+    Evicted,
+    EvictIn,
+    ObjectStateOut,
+    RecoveryOut,
+    TierConfigOut,
+    TiersOut,
+)
+from kvfabric.api.storeview import DiskTierState, ObjectTierState, live_tier_states
 from kvfabric.codec import Codec
 from kvfabric.ids import TierId
 
@@ -21,10 +32,16 @@ NodeAdmin = Annotated[Principal, Depends(require("admin", node_wide=True))]
 NodeReader = Annotated[Principal, Depends(require("read", node_wide=True))]
 
 
-@router.get("/tiers", response_model=TiersOut, summary="Tier configuration: capacity, persistence, codec, policy")
+@router.get(
+    "/tiers", response_model=TiersOut,
+    summary="Tier configuration (capacity, persistence, codec, policy) and live state (disk space, object uploads)",
+)  # fmt: skip
 def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
     config = ctx.store.config
     stats = ctx.store.tier_stats()
+    disks, objects = live_tier_states(ctx.store)
+    disk_states = {d.tier: d for d in disks}
+    object_states = {o.tier: o for o in objects}
     nearest = ctx.store.tiers[0]  # RAM: every put lands there first
     out = []
     for tier, caps in ctx.store.tier_capabilities().items():
@@ -39,9 +56,31 @@ def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
                 tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
                 codec=codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
                 recovery=_recovery(ctx.store.tier(tier)),
+                disk_state=_disk_out(disk_states.get(tier)), object_state=_object_out(object_states.get(tier)),
             )
         )  # fmt: skip
     return TiersOut(tiers=out)
+
+
+def _disk_out(d: DiskTierState | None) -> DiskStateOut | None:
+    if d is None:
+        return None
+    return DiskStateOut(
+        full=d.full, reason=d.reason, full_since=d.full_since, free_bytes=d.free_bytes,
+        resume_free_bytes=d.resume_free_bytes, reserve_bytes=d.reserve_bytes, reserve_held=d.reserve_held,
+        full_episodes=d.full_episodes, refused_puts=d.refused_puts, index_reopens=d.index_reopens,
+    )  # fmt: skip
+
+
+def _object_out(o: ObjectTierState | None) -> ObjectStateOut | None:
+    if o is None:
+        return None
+    return ObjectStateOut(
+        store_up=not o.store_down, uploaded_blocks=o.uploaded_blocks, pending_blocks=o.pending_blocks,
+        backlog_bytes=o.backlog_bytes, backlog_items=o.backlog_items, uploads=o.uploads,
+        uploaded_bytes=o.uploaded_bytes, upload_failures=o.upload_failures,
+        unavailable_misses=o.unavailable_misses, rejected_puts=o.rejected_puts, last_failure=o.last_failure,
+    )  # fmt: skip
 
 
 def _recovery(tier: object) -> RecoveryOut | None:

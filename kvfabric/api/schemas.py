@@ -26,6 +26,9 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     detail: str
+    degraded: dict[str, str] = Field(
+        default_factory=dict, description="tiers that refuse writes now (a full disk), and why"
+    )
 
 
 class TierOut(BaseModel):
@@ -209,6 +212,37 @@ class RecoveryOut(BaseModel):
     truncated_bytes: int = Field(description="torn tail bytes cut from the ends of segments")
 
 
+class DiskStateOut(BaseModel):
+    """The disk tier now: is its filesystem full (puts refused; reads and deletes served), its space reserve."""
+
+    full: bool
+    reason: str | None = Field(description="the write failure that made the tier full; null when not full")
+    full_since: float | None = Field(description="unix time it became full")
+    free_bytes: int = Field(description="free space on the filesystem")
+    resume_free_bytes: int = Field(description="free space a full tier waits for before puts resume")
+    reserve_bytes: int = Field(description="space kept back for deletes, compaction and an index reopen")
+    reserve_held: bool
+    full_episodes: int
+    refused_puts: int
+    index_reopens: int
+
+
+class ObjectStateOut(BaseModel):
+    """The object tier now: what is uploaded, what waits in memory, whether the store answers."""
+
+    store_up: bool
+    uploaded_blocks: int
+    pending_blocks: int = Field(description="blocks accepted and not uploaded yet")
+    backlog_bytes: int
+    backlog_items: int = Field(description="sealed segments and tombstone lists waiting to upload")
+    uploads: int
+    uploaded_bytes: int
+    upload_failures: int
+    unavailable_misses: int
+    rejected_puts: int = Field(description="puts refused because the backlog was full")
+    last_failure: str | None = Field(description="the last failed upload or read while the store is down")
+
+
 class TierConfigOut(BaseModel):
     tier: str
     capacity_bytes: int | None
@@ -217,6 +251,8 @@ class TierConfigOut(BaseModel):
     codec: str
     write_policy: str
     recovery: RecoveryOut | None = Field(None, description="the disk tier's recovery at open; null for other tiers")
+    disk_state: DiskStateOut | None = Field(None, description="the disk tier's live space state; null for others")
+    object_state: ObjectStateOut | None = Field(None, description="the object tier's live state; null for others")
 
 
 class TiersOut(BaseModel):

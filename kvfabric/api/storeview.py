@@ -7,7 +7,7 @@ history sampler all speak :class:`StoreSnapshot`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvfabric.store.tier import TierStats
 from kvfabric.store.tiered import TieredStore
@@ -72,6 +72,41 @@ class StoreCounters:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskTierState:
+    """A disk tier's live condition: whether its filesystem is full, and its space reserve."""
+
+    tier: str
+    full: bool
+    reason: str | None
+    full_since: float | None
+    free_bytes: int
+    resume_free_bytes: int
+    reserve_bytes: int
+    reserve_held: bool
+    full_episodes: int
+    refused_puts: int
+    index_reopens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectTierState:
+    """An object tier's live state: what is uploaded, what waits, whether the store answers."""
+
+    tier: str
+    uploaded_blocks: int
+    pending_blocks: int
+    backlog_bytes: int
+    backlog_items: int
+    uploads: int
+    uploaded_bytes: int
+    upload_failures: int
+    unavailable_misses: int
+    rejected_puts: int
+    store_down: bool
+    last_failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSnapshot:
     time: float
     """Unix time of the snapshot."""
@@ -79,6 +114,10 @@ class StoreSnapshot:
     namespaces: tuple[NamespaceUsage, ...]
     upload_backlog_bytes: int
     counters: StoreCounters
+    conditions: dict[str, str] = field(default_factory=dict)
+    """Tiers that refuse writes now, and why (a full disk)."""
+    disk_tiers: tuple[DiskTierState, ...] = ()
+    object_tiers: tuple[ObjectTierState, ...] = ()
 
     def tier(self, name: str) -> TierSnapshot | None:
         return next((t for t in self.tiers if t.tier == name), None)
@@ -102,4 +141,36 @@ def take_snapshot(store: TieredStore) -> StoreSnapshot:
         s.promotions, s.promotions_refused, s.demotions, s.expired, s.quota_evictions, s.writeback_dropped,
         s.flush_errors, s.unavailable, {str(t): n for t, n in s.writeback_pending.items()}, s.last_flush_error,
     )  # fmt: skip
-    return StoreSnapshot(time.time(), tiers, tuple(namespaces), store.upload_backlog_bytes(), counters)
+    disks, objects = live_tier_states(store)
+    return StoreSnapshot(
+        time.time(), tiers, tuple(namespaces), store.upload_backlog_bytes(), counters,
+        {str(t): c for t, c in store.tier_conditions().items()}, disks, objects,
+    )  # fmt: skip
+
+
+def live_tier_states(store: TieredStore) -> tuple[tuple[DiskTierState, ...], tuple[ObjectTierState, ...]]:
+    """The disk tiers' space state and the object tiers' upload state (tiers that report them)."""
+    disks: list[DiskTierState] = []
+    objects: list[ObjectTierState] = []
+    for tier_id in store.tiers:
+        tier = store.tier(tier_id)
+        disk_state = getattr(tier, "disk_state", None)
+        if callable(disk_state):
+            d = disk_state()
+            disks.append(
+                DiskTierState(
+                    str(tier_id), d.full, d.reason, d.full_since, d.free_bytes, d.resume_free_bytes,
+                    d.reserve_bytes, d.reserve_held, d.full_episodes, d.refused_puts, d.index_reopens,
+                )
+            )  # fmt: skip
+        object_stats = getattr(tier, "object_stats", None)
+        if callable(object_stats):
+            o = object_stats()
+            objects.append(
+                ObjectTierState(
+                    str(tier_id), o.uploaded_blocks, o.pending_blocks, o.backlog_bytes, o.backlog_items, o.uploads,
+                    o.uploaded_bytes, o.upload_failures, o.unavailable_misses, o.rejected_puts, o.store_down,
+                    o.last_failure,
+                )
+            )  # fmt: skip
+    return tuple(disks), tuple(objects)

@@ -119,6 +119,10 @@ class Tier(ABC):
     def delete_many(self, keys: Iterable[BlockKey]) -> int:
         return sum(self.delete(k) for k in keys)
 
+    def condition(self) -> str | None:
+        """Why the tier refuses writes right now (a full disk), or ``None`` when it takes them."""
+        return None
+
     def stats(self) -> TierStats:
         """A snapshot of this tier's counters."""
         s = self._stats

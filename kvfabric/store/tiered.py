@@ -37,6 +37,7 @@ from kvfabric.codec import Codec
 from kvfabric.errors import (
     BlockTooLargeError,
     ConfigError,
+    DiskFullError,
     InvalidBlockError,
     KVFabricError,
     QuotaExceededError,
@@ -533,6 +534,10 @@ class TieredStore:
             out[t.tier_id] = replace(t.stats(), hits=hits, misses=misses)
         return out
 
+    def tier_conditions(self) -> dict[TierId, str]:
+        """The tiers that refuse writes now, and why (a full disk); empty when every tier takes writes."""
+        return {t.tier_id: c for t in self._tiers if (c := t.condition()) is not None}
+
     def tier(self, tier_id: TierId) -> Tier:
         """One of the store's tiers, for what only it can tell (the object tier's upload stats, the disk's usage).
         Write through the store, not through the tier, or the store's books go wrong."""
@@ -554,8 +559,20 @@ class TieredStore:
             c = replace(self._counters)
         return StoreStats(
             c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
-            c.writeback_dropped, c.flush_errors, c.unavailable, c.room_made, c.last_flush_error,
+            c.writeback_dropped, c.flush_errors, c.unavailable + self._unavailable_inside_tiers(), c.room_made,
+            c.last_flush_error,
         )  # fmt: skip
+
+    def _unavailable_inside_tiers(self) -> int:
+        """Outage events a shared tier absorbs itself and never raises to the store: uploads that failed in its
+        background uploader, reads it answered as misses because the store was down (the object tier)."""
+        total = 0
+        for tier in self._lower:
+            object_stats = getattr(tier, "object_stats", None)
+            if callable(object_stats):
+                s = object_stats()
+                total += s.upload_failures + s.unavailable_misses
+        return total
 
     @property
     def tiers(self) -> list[TierId]:
@@ -723,7 +740,8 @@ class TieredStore:
         try:
             tier.put(block)
         except TierFullError as exc:
-            if tier.capabilities.evicts:
+            # a full filesystem is not the tier's capacity: evicting its blocks would not make lasting room
+            if tier.capabilities.evicts or isinstance(exc, DiskFullError):
                 raise
             raise _LowerTierFull(tier, exc) from exc
 
@@ -937,13 +955,15 @@ class TieredStore:
                     self._drain_backlog(tier)
                     break
                 except TierFullError as exc:
-                    if attempt == 0 and not tier.capabilities.evicts:
+                    if attempt == 0 and not tier.capabilities.evicts and not isinstance(exc, DiskFullError):
                         self._make_room(tier, 0)  # a full disk: evict its oldest and try again
                         continue
                     self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
                     first = first or exc
                 except KVFabricError as exc:
                     self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
+                    if isinstance(exc, TierUnavailableError):
+                        self._count("unavailable")  # an outage, not only a failed flush
                     first = first or exc
                     break
         return first

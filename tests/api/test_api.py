@@ -170,10 +170,13 @@ def test_tiers_view(client: TestClient) -> None:
     assert [t["tier"] for t in tiers] == ["ram", "disk"]
     ram, disk = tiers
     assert ram == {"tier": "ram", "capacity_bytes": 64 << 20, "persistent": False, "shared": False, "codec": "raw",
-                   "write_policy": "first", "recovery": None}  # fmt: skip
+                   "write_policy": "first", "recovery": None, "disk_state": None, "object_state": None}  # fmt: skip
     recovery = disk.pop("recovery")
+    state = disk.pop("disk_state")
     assert disk == {"tier": "disk", "capacity_bytes": 256 << 20, "persistent": True, "shared": False,
-                    "codec": "raw", "write_policy": "write-through"}  # fmt: skip
+                    "codec": "raw", "write_policy": "write-through", "object_state": None}  # fmt: skip
+    assert state["full"] is False and state["reason"] is None and state["reserve_held"] is True
+    assert state["free_bytes"] > 0 and state["full_episodes"] == state["refused_puts"] == 0
     assert {k: recovery[k] for k in ("reindexed", "dropped", "truncated_bytes")} == dict.fromkeys(
         ("reindexed", "dropped", "truncated_bytes"), 0
     )  # a fresh data dir: nothing to repair

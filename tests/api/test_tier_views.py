@@ -111,8 +111,11 @@ def test_object_tier_in_the_admin_views(object_store: TieredStore, object_settin
         assert list(tiers) == ["ram", "disk", "object"]
         assert tiers["object"] == {
             "tier": "object", "capacity_bytes": tiers["object"]["capacity_bytes"], "persistent": True, "shared": True,
-            "codec": "shuffle_zstd", "write_policy": "write-back", "recovery": None,
+            "codec": "shuffle_zstd", "write_policy": "write-back", "recovery": None, "disk_state": None,
+            "object_state": tiers["object"]["object_state"],
         }  # fmt: skip
+        live = tiers["object"]["object_state"]  # write-back: nothing reached the object tier yet
+        assert live["store_up"] is True and live["uploaded_blocks"] == live["pending_blocks"] == 0
 
         object_store.flush()  # write-back copies reach the object tier; its open segment is sealed and uploaded
         stats = c.get("/v1/stats", headers=bearer("admin")).json()
@@ -125,6 +128,17 @@ def test_object_tier_in_the_admin_views(object_store: TieredStore, object_settin
         names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
         assert "kvfabric_upload_backlog_bytes" in names
         assert "kvfabric_writeback_pending_blocks" in names
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        assert samples[("kvfabric_object_uploaded_blocks", (("tier", "object"),))] == 6
+        assert samples[("kvfabric_object_pending_blocks", (("tier", "object"),))] == 0
+        assert samples[("kvfabric_object_store_up", (("tier", "object"),))] == 1
+        live = next(t for t in c.get("/v1/tiers", headers=bearer("admin")).json()["tiers"] if t["tier"] == "object")
+        assert live["object_state"]["uploaded_blocks"] == 6 and live["object_state"]["backlog_items"] == 0
+        assert live["object_state"]["uploads"] >= 2 and live["object_state"]["last_failure"] is None
 
         config = c.get("/v1/config", headers=bearer("admin")).text
         assert object_settings.object.secret_access_key is not None

@@ -22,11 +22,17 @@ so a hot read costs a dict lookup instead of a RocksDB get and an unpack. Every 
 which updates the cache after RocksDB accepted the batch (and forgets the touched keys if it did not), so the
 cache never disagrees with the database as long as ``get`` and ``write`` do not run concurrently (the tier calls
 both under its lock).
+
+A failed write leaves RocksDB in a sticky error state (every later write fails, even once the cause is gone, and
+there is no ``Resume`` in rocksdict): the index then reports ``broken`` and the tier ``reopen``s it in place.
+Iteration holds a RocksDB iterator only while it reads a batch (an open iterator would keep the database, and its
+lock, alive through a reopen).
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +40,7 @@ from typing import NamedTuple
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from kvfabric.errors import StoreError
+from kvfabric.errors import DiskFullError, StoreError
 from kvfabric.record import BlockMeta, decode_header
 from kvfabric.store.disk.cache import FifoCache
 from kvfabric.store.disk.segment import Position, align_up
@@ -47,6 +53,9 @@ _HWM = b"mhwm"
 _FORMAT = b"mformat"
 _ENTRY = struct.Struct("<IQHQQQ")
 _POS = struct.Struct("<IQ")
+_ITER_BATCH = 1024
+"""Entries read per iterator: the iterator is dropped between batches (see the module docstring)."""
+_NO_SPACE = ("No space left on device", "NoSpace", "Disk quota exceeded", "File too large")
 
 
 class IndexEntry(NamedTuple):
@@ -109,7 +118,14 @@ def _rocksdb(what: str, path: Path) -> Iterator[None]:
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(f"RocksDB index at {path}: {what} failed: {exc}") from exc
+        raise _translate(exc, what, path) from exc
+
+
+def _translate(exc: Exception, what: str, path: Path) -> StoreError:
+    message = f"RocksDB index at {path}: {what} failed: {exc}"
+    if any(s in str(exc) for s in _NO_SPACE):
+        return DiskFullError(message)
+    return StoreError(message)
 
 
 class BlockIndex:
@@ -117,11 +133,12 @@ class BlockIndex:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        options.set_max_background_jobs(2)
-        with _rocksdb("open", path):
-            self._db = Rdict(str(path), options)
+        self._db_lock = threading.Lock()
+        """Held by whatever uses ``_db`` without the tier's lock (sync, iteration batches) and by ``reopen``."""
+        self.broken = False
+        """A write failed: RocksDB refuses writes until the database is reopened."""
+        self.reopens = 0
+        self._db: Rdict | None = self._open_db()
         self._cache: FifoCache[bytes, IndexEntry] = FifoCache(ENTRY_CACHE_ENTRIES)
         self._staged: dict[bytes, IndexEntry] = {}
         self.staged_bytes = 0
@@ -132,13 +149,42 @@ class BlockIndex:
         self._sync = WriteOptions()
         self._sync.sync = True
         with _rocksdb("read format", path):
-            fmt = self._db.get(_FORMAT)
+            fmt = self._live_db().get(_FORMAT)
         if fmt is None:
             with _rocksdb("write format", path):
-                self._db.put(_FORMAT, INDEX_FORMAT, self._sync)
+                self._live_db().put(_FORMAT, INDEX_FORMAT, self._sync)
         elif fmt != INDEX_FORMAT:
-            self._db.close()
+            self._live_db().close()
             raise StoreError(f"RocksDB index at {path} has format {fmt!r}, this build reads {INDEX_FORMAT!r}")
+
+    def _open_db(self) -> Rdict:
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_background_jobs(2)
+        with _rocksdb("open", self.path):
+            return Rdict(str(self.path), options)
+
+    def reopen(self) -> None:
+        """Close and reopen the database in place, clearing RocksDB's sticky background error; what it had
+        acknowledged comes back from its WAL, staged entries stay staged. Callers hold the tier's lock (no ``get``
+        or ``write`` meanwhile). Raises ``StoreError``/``DiskFullError`` if it cannot be opened again (then
+        ``broken`` stays set and a later call tries again)."""
+        with self._db_lock:
+            if self._db is not None:
+                try:
+                    self._db.close()  # fails with the sticky error after releasing the files; nothing to keep
+                except Exception:  # noqa: BLE001 - a database in error state reports its error on close
+                    pass
+                self._db = None
+            self._cache.clear()  # a write that failed may or may not have landed: ask RocksDB again
+            self._db = self._open_db()
+            self.broken = False
+            self.reopens += 1
+
+    def _live_db(self) -> Rdict:
+        if self._db is None:
+            raise StoreError(f"RocksDB index at {self.path} is not open (a reopen after a write failure failed)")
+        return self._db
 
     def get(self, key_bytes: bytes) -> IndexEntry | None:
         entry = self._cache.get(key_bytes)
@@ -148,9 +194,11 @@ class BlockIndex:
         if entry is not None:
             return entry
         try:  # no context manager here: this is on every read's path
-            value = self._db.get(_BLOCK + key_bytes)
+            value = self._db.get(_BLOCK + key_bytes)  # type: ignore[union-attr]
         except Exception as exc:
-            raise StoreError(f"RocksDB index at {self.path}: get failed: {exc}") from exc
+            if self._db is None:
+                raise StoreError(f"RocksDB index at {self.path} is not open") from exc
+            raise _translate(exc, "get", self.path) from exc
         if value is None:
             return None
         entry = IndexEntry.unpack(value)
@@ -190,8 +238,14 @@ class BlockIndex:
         if hwm is not None:
             batch.put(_HWM, _POS.pack(*hwm))
         try:
-            with _rocksdb("write", self.path):
-                self._db.write(batch, self._sync if sync else self._nosync)
+            with self._db_lock, _rocksdb("write", self.path):
+                try:
+                    self._live_db().write(batch, self._sync if sync else self._nosync)
+                except StoreError:
+                    raise
+                except Exception:
+                    self.broken = True
+                    raise
         except BaseException:
             for kb in (*(kb for kb, _ in puts), *deletes):  # unknown outcome: re-read them from RocksDB
                 self._cache.pop(kb, None)
@@ -205,12 +259,18 @@ class BlockIndex:
 
     def sync(self) -> None:
         """Make every write so far durable (fsync of the WAL)."""
-        with _rocksdb("sync WAL", self.path):
-            self._db.flush_wal(True)
+        with self._db_lock, _rocksdb("sync WAL", self.path):
+            try:
+                self._live_db().flush_wal(True)
+            except StoreError:
+                raise
+            except Exception:
+                self.broken = True
+                raise
 
     def hwm(self) -> Position | None:
-        with _rocksdb("read high-water mark", self.path):
-            value = self._db.get(_HWM)
+        with self._db_lock, _rocksdb("read high-water mark", self.path):
+            value = self._live_db().get(_HWM)
         return None if value is None else Position(*_POS.unpack(value))
 
     def entries(self) -> Iterator[tuple[bytes, IndexEntry]]:
@@ -229,23 +289,48 @@ class BlockIndex:
             yield kb
 
     def _iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        with _rocksdb("iterate", self.path):
-            it = self._db.iter()
-            it.seek(prefix)
         strip = len(_BLOCK)
+        start, skip_first = prefix, False
         while True:
-            with _rocksdb("iterate", self.path):
-                if not it.valid():
-                    return
+            batch = self._read_batch(prefix, start, skip_first)
+            for key, value in batch:
+                yield key[strip:], value
+            if len(batch) < _ITER_BATCH:
+                return
+            start, skip_first = batch[-1][0], True
+
+    def _read_batch(self, prefix: bytes, start: bytes, skip_first: bool) -> list[tuple[bytes, bytes]]:
+        """Up to ``_ITER_BATCH`` (key, value) pairs with ``prefix`` from ``start`` on, with one iterator that is
+        gone when this returns."""
+        out: list[tuple[bytes, bytes]] = []
+        with self._db_lock, _rocksdb("iterate", self.path):
+            it = self._live_db().iter()
+            it.seek(start)
+            if skip_first and it.valid() and it.key() == start:
+                it.next()
+            while len(out) < _ITER_BATCH and it.valid():
                 key = it.key()
                 if not key.startswith(prefix):
-                    return
-                value = it.value()
+                    break
+                out.append((key, it.value()))
                 it.next()
-            yield key[strip:], value
+            del it
+        return out
 
     def close(self) -> None:
         self._cache.clear()
-        with _rocksdb("close", self.path):
-            self._db.flush_wal(True)
-            self._db.close()
+        with self._db_lock:
+            db, self._db = self._db, None
+            if db is None:
+                return
+            if self.broken:  # everything it acknowledged is in its WAL already; the close reports the old error
+                try:
+                    db.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                return
+            with _rocksdb("close", self.path):
+                try:
+                    db.flush_wal(True)
+                finally:
+                    db.close()

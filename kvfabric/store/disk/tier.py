@@ -7,6 +7,12 @@ hit for recently used keys, else a RocksDB get), one preadv of ``[header, payloa
 memory, a comparison of the header bytes with the index's copy and an XXH3 of the payload. See
 ``docs/disk-format.md``.
 
+Disk full: a write that fails for want of space (segment, fdatasync or RocksDB) raises ``DiskFullError`` and puts
+the tier in the *full* state: the space reserve is released (``reserve.py``) and a RocksDB index stuck in its
+sticky error is reopened, so reads, deletes and compaction go on; puts are refused at once (no write is tried)
+until the filesystem has room again, checked on each put and each ``condition()``; then the reserve is taken back
+and puts resume, with no restart.
+
 Concurrency: ``_append_lock`` serialises slot reservation and the pwrite (so the file is written in reservation
 order and a failed write is always the tail, which can be cut); ``_cond`` guards the index writes and all in-memory
 state and is held only briefly. fdatasync and reads run outside both.
@@ -14,10 +20,10 @@ state and is held only briefly. fdatasync and reads run outside both.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ import numpy as np
 
 from kvfabric.codec import Codec, decode_payload
 from kvfabric.errors import (
+    DiskFullError,
     InvalidBlockError,
     KVFabricError,
     MalformedRecordError,
@@ -41,6 +48,7 @@ from kvfabric.store.disk.compaction import COPY_BATCH_BYTES, CompactionResult, s
 from kvfabric.store.disk.durability import FsyncPolicy, GroupCommitter, SyncGroup
 from kvfabric.store.disk.index import BlockIndex, IndexEntry
 from kvfabric.store.disk.recovery import RecoveryReport, recover
+from kvfabric.store.disk.reserve import DEFAULT_RESERVE_BYTES, FULL_ERRNOS, SpaceReserve, free_bytes
 from kvfabric.store.disk.sealed import SealedSegmentHook, SegmentEntry
 from kvfabric.store.disk.segment import (
     ALIGN,
@@ -66,7 +74,8 @@ record bytes from the high-water mark."""
 DISK = TierId("disk")
 log = logging.getLogger(__name__)
 _RECENT_PRUNE = 4096
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_MIN_RESUME_FREE = 1 << 20
+"""Free bytes a full tier needs before puts resume when it keeps no reserve."""
 
 
 class _HeaderCache(FifoCache[bytes, tuple[RecordHeader, bytes]]):
@@ -92,6 +101,30 @@ def _namespace_prefix(namespace: Namespace | None) -> bytes:
         return b""
     ns = namespace.encode()
     return bytes([len(ns)]) + ns
+
+
+@dataclass(frozen=True, slots=True)
+class DiskState:
+    """The disk tier's live state, for readiness, metrics and the admin API."""
+
+    full: bool
+    """Puts are refused for want of space on the filesystem (reads and deletes are served)."""
+    reason: str | None
+    """The write failure that made the tier full."""
+    full_since: float | None
+    """Unix time the tier became full."""
+    free_bytes: int
+    """Free space on the filesystem (as this process may use it)."""
+    resume_free_bytes: int
+    """Free space a full tier waits for before puts resume."""
+    reserve_bytes: int
+    reserve_held: bool
+    full_episodes: int
+    """Times the tier became full since it opened."""
+    refused_puts: int
+    """Put calls refused while full."""
+    index_reopens: int
+    """Times the RocksDB index was reopened to clear its sticky write error."""
 
 
 @dataclass(slots=True)
@@ -130,7 +163,10 @@ class DiskTier(Tier):
         tier_id: TierId = DISK,
         source: str = "local",
         events: EventSink | None = None,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
     ) -> None:
+        """``reserve_bytes`` of the filesystem are kept back (a preallocated file in ``path``) for deletes,
+        compaction and a RocksDB reopen once the disk is full; a full tier resumes puts with twice that free."""
         super().__init__(tier_id, source=source, events=events)
         if segment_bytes < ALIGN or segment_bytes % ALIGN:
             raise ValueError(f"segment_bytes must be a positive multiple of {ALIGN}, got {segment_bytes}")
@@ -162,9 +198,17 @@ class DiskTier(Tier):
         self._closing = False
         self._closed = False
         self._segments: dict[int, Segment] = {}
+        self._reserve = SpaceReserve(self.path, reserve_bytes)
+        self._resume_free = 2 * reserve_bytes or _MIN_RESUME_FREE
+        self._full: str | None = None
+        self._full_since: float | None = None
+        self._full_episodes = 0
+        self._refused_puts = 0
         self._index = BlockIndex(self.path / "index")
         try:
             self.recovery = self._open_segments()
+            if not self._reserve.take():
+                self._enter_full_locked(f"less than {reserve_bytes} bytes free for the space reserve at open")
         except BaseException:
             self._release_files()
             raise
@@ -308,7 +352,7 @@ class DiskTier(Tier):
                 if not self._pending or min(self._pending) > newest:
                     break
                 self._cond.wait()
-            self._index.write(deletes=list(found), hwm=self._hwm_locked())
+            self._index_write_locked(deletes=list(found), hwm=self._hwm_locked())
             for entry in found.values():
                 self._unaccount_locked(entry)
             self._stats.deletes += len(found)
@@ -358,6 +402,9 @@ class DiskTier(Tier):
         """Rewrite the live records of sealed segments whose live fraction is below ``min_live_fraction`` into the
         active segment and delete those files.
 
+        On a full disk (the reserve released) it reclaims what it can: segments with nothing live are removed
+        without copying, and it stops at the first segment whose copies find no room.
+
         Crash-safe: a copy is indexed only after it is durable (always fdatasync'd, whatever the policy); the index
         is synced before the old file is unlinked. Copies are exempt from ``capacity_bytes`` (a run frees more
         than it writes). Blocks written or deleted meanwhile are left alone.
@@ -373,7 +420,12 @@ class DiskTier(Tier):
             try:
                 for seg in victims:
                     size = seg.size
-                    n_moved, n_corrupt, copied = self._compact_segment(seg)
+                    try:
+                        n_moved, n_corrupt, copied = self._compact_segment(seg)
+                    except DiskFullError as exc:  # no room for this one's copies: keep what was reclaimed so far
+                        self._enter_full(str(exc))
+                        log.warning("disk tier at %s: compaction stopped, no room to copy: %s", self.path, exc)
+                        break
                     moved += n_moved
                     corrupt += n_corrupt
                     if self._retire(seg):
@@ -383,6 +435,26 @@ class DiskTier(Tier):
                 for seg in victims:
                     self._release(seg)
             return CompactionResult(removed, reclaimed, moved, corrupt)
+
+    def condition(self) -> str | None:
+        """Why the tier refuses puts now (the disk is full), or ``None``. A full tier whose filesystem has room
+        again resumes here as well as on the next put, so readiness recovers without traffic."""
+        if self._full is None:
+            return None
+        try:
+            self._check_room()
+        except DiskFullError as exc:
+            return str(exc)
+        return None
+
+    def disk_state(self) -> DiskState:
+        condition = self.condition()
+        with self._cond:
+            return DiskState(
+                condition is not None, self._full, self._full_since, free_bytes(self.path), self._resume_free,
+                self._reserve.nbytes, self._reserve.held, self._full_episodes, self._refused_puts,
+                self._index.reopens,
+            )  # fmt: skip
 
     def disk_usage(self) -> int:
         """Bytes of segment files (live, dead and padding); what ``capacity_bytes`` limits."""
@@ -418,6 +490,8 @@ class DiskTier(Tier):
 
     # --- write path --------------------------------------------------------------------------------------------
     def _store(self, blocks: list[Block]) -> None:
+        if self._full is not None:
+            self._check_room()
         encoded = []
         for block in blocks:
             try:
@@ -437,9 +511,15 @@ class DiskTier(Tier):
             if slot is not None:
                 slots.append(slot)
             accepted += 1
-        self._make_durable(slots, force=False)
-        self._commit(slots, puts=accepted)
+        try:
+            self._make_durable(slots, force=False)
+            self._commit(slots, puts=accepted)
+        except DiskFullError as exc:
+            self._enter_full(str(exc))
+            raise
         if failure is not None:
+            if isinstance(failure, DiskFullError):
+                self._enter_full(str(failure))
             raise failure
 
     def _append(
@@ -642,7 +722,23 @@ class DiskTier(Tier):
     def _write_staged_locked(self) -> None:
         """Write staged index entries to RocksDB (before iterating it, or before a sync that must cover them)."""
         if self._index.staged:
-            self._index.write(hwm=self._hwm_locked())
+            self._index_write_locked(hwm=self._hwm_locked())
+
+    def _index_write_locked(self, **batch: object) -> None:
+        """An index write that frees (deletes, staged entries of durable records) or must not fail for a stuck
+        index: if RocksDB refuses it, the tier goes full when that was for space (releasing the reserve), the index
+        is reopened, and the write is tried once more."""
+        try:
+            self._index.write(**batch)  # type: ignore[arg-type]
+            return
+        except DiskFullError as exc:
+            self._enter_full_locked(str(exc))
+        except StoreError:
+            if not self._index.broken:
+                raise
+        if self._index.broken:
+            self._index.reopen()
+        self._index.write(**batch)  # type: ignore[arg-type]
 
     def _hwm_locked(self) -> Position:
         """Every record before this position has had its effect on the index."""
@@ -760,15 +856,27 @@ class DiskTier(Tier):
             cur = self._index.get(kb)
             if cur is None or cur.position != entry.position:
                 return  # rewritten or deleted meanwhile; the newer entry is not the one that failed
-            self._index.write(deletes=[kb])
+            try:
+                self._index_write_locked(deletes=[kb])
+            except StoreError as exc:  # the read is a miss either way; the next read of the key tries again
+                log.warning("disk tier at %s: could not drop corrupt record of %s: %s", self.path, kb.hex(), exc)
+                return
             self._unaccount_locked(cur)
         self._emit_removed(BlockKey.from_bytes(kb))
 
     # --- compaction --------------------------------------------------------------------------------------------
     def _compact_segment(self, seg: Segment) -> tuple[int, int, int]:
         """Copy ``seg``'s live records to the active segment; returns (moved, corrupt, bytes copied)."""
-        moved = corrupt = copied = 0
         batch: list[_Slot] = []
+        try:
+            return self._compact_records(seg, batch)
+        except BaseException:
+            self._abandon(batch)  # copies written but not committed: dead bytes, never indexed
+            raise
+
+    def _compact_records(self, seg: Segment, batch: list[_Slot]) -> tuple[int, int, int]:
+        """The body of :meth:`_compact_segment`; ``batch`` holds the copies not yet committed at any time."""
+        moved = corrupt = copied = 0
         batch_bytes = 0
         for rec in SegmentScan(seg.fd, 0, verify_payloads=False):
             kb = rec.header.meta.key.to_bytes()
@@ -791,14 +899,16 @@ class DiskTier(Tier):
             if batch_bytes >= COPY_BATCH_BYTES:
                 moved += self._commit_copies(batch)
                 copied += batch_bytes
-                batch, batch_bytes = [], 0
+                batch_bytes = 0
         moved += self._commit_copies(batch)
         return moved, corrupt, copied + batch_bytes
 
     def _commit_copies(self, batch: list[_Slot]) -> int:
-        self._make_durable(batch, force=True)
-        self._commit(batch)
-        return len(batch)
+        slots = list(batch)
+        batch.clear()  # from here on _make_durable/_commit own the slots (they abandon them on failure)
+        self._make_durable(slots, force=True)
+        self._commit(slots)
+        return len(slots)
 
     def _retire(self, seg: Segment) -> bool:
         """Delete ``seg``'s file if nothing live is left in it (after making the index that says so durable)."""
@@ -818,14 +928,65 @@ class DiskTier(Tier):
             raise StoreError(f"disk tier at {self.path}: removing compacted segment {seg.path}: {exc}") from exc
         return True
 
+    # --- disk full ---------------------------------------------------------------------------------------------
+    def _enter_full(self, reason: str) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            first = self._enter_full_locked(reason)
+        if first:
+            log.warning(
+                "disk tier at %s is full: %s; puts are refused until %d bytes are free, reads and deletes go on",
+                self.path, reason, self._resume_free,
+            )  # fmt: skip
+
+    def _enter_full_locked(self, reason: str) -> bool:
+        """Go (or stay) full: give back the reserve, unstick the index; ``True`` if the tier was not full."""
+        first = self._full is None
+        if first:
+            self._full = reason
+            self._full_since = time.time()
+            self._full_episodes += 1
+        self._reserve.release()
+        if self._index.broken:
+            try:
+                self._index.reopen()
+            except StoreError as exc:  # tried again on the next delete, put or condition()
+                log.error("disk tier at %s: reopening the index failed: %s", self.path, exc)
+        return first
+
+    def _check_room(self) -> None:
+        """A full tier: resume if the filesystem has room again (reserve taken back, index unstuck), else raise
+        ``DiskFullError`` without writing anything."""
+        free = free_bytes(self.path)
+        with self._cond:
+            if self._full is None:
+                return
+            if free >= self._resume_free and self._reserve.take():
+                try:
+                    if self._index.broken:
+                        self._index.reopen()
+                except StoreError as exc:
+                    log.error("disk tier at %s: reopening the index failed: %s", self.path, exc)
+                else:
+                    reason, self._full, self._full_since = self._full, None, None
+                    log.warning("disk tier at %s: space is back (%d bytes free); puts resume", self.path, free)
+                    return
+            self._refused_puts += 1
+            reason = self._full
+        raise DiskFullError(
+            f"disk tier at {self.path} is full ({reason}); puts resume once {self._resume_free} bytes are free "
+            f"({free} now); reads and deletes are served"
+        )
+
     # --- helpers -----------------------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closing:
             raise StoreError(f"disk tier at {self.path} is closed")
 
     def _io_error(self, exc: OSError, what: str) -> StoreError:
-        if exc.errno in _FULL_ERRNOS:
-            return TierFullError(f"disk tier at {self.path}: {what}: {exc.strerror or exc}")
+        if exc.errno in FULL_ERRNOS:
+            return DiskFullError(f"disk tier at {self.path}: {what}: {exc.strerror or exc}")
         return StoreError(f"disk tier at {self.path}: {what}: {exc}")
 
     def _release_files(self) -> None:

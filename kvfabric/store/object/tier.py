@@ -115,6 +115,12 @@ class ObjectTierStats:
     bad_manifests: int = 0
     """Manifests or tombstone lists skipped at rebuild because they could not be trusted."""
     store_down: bool = False
+    uploaded_blocks: int = 0
+    """Blocks whose current copy is committed in the store (the rest of ``TierStats.blocks`` waits in memory)."""
+    pending_blocks: int = 0
+    """Blocks whose current copy is still in memory, in the open segment or the backlog."""
+    last_failure: str | None = None
+    """The last upload or read failure, while the store is down."""
 
 
 class ObjectTier(Tier):
@@ -355,8 +361,8 @@ class ObjectTier(Tier):
             try:
                 self._store.upload_file(path, self._object_key(SEGMENTS, segment_id))
                 self._store.put(self._object_key(MANIFESTS, segment_id), manifest)
-            except StoreError:
-                self._note_failure()
+            except StoreError as exc:
+                self._note_failure(exc)
                 raise
             self._gate.succeeded()
             with self._lock:
@@ -591,6 +597,7 @@ class ObjectTier(Tier):
             self._gate.failed()
         log.warning("object tier: read failed, %d miss(es): %s", n, exc)
         with self._lock:
+            self._ostats.last_failure = f"read: {exc}"
             self._stats.misses += n
             self._ostats.unavailable_misses += n
 
@@ -626,7 +633,7 @@ class ObjectTier(Tier):
                 try:
                     written = self._upload(item, rows)
                 except StoreError as exc:
-                    self._note_failure()
+                    self._note_failure(exc)
                     log.warning(
                         "object tier: upload failed, %d objects wait in the backlog: %s", len(self._backlog), exc
                     )
@@ -655,10 +662,11 @@ class ObjectTier(Tier):
         self._store.put(self._object_key(MANIFESTS, item.segment_id), manifest)  # ... then the commit point
         return item.nbytes + len(manifest)
 
-    def _note_failure(self) -> None:
+    def _note_failure(self, exc: BaseException | None = None) -> None:
         self._gate.failed()
         with self._lock:
             self._ostats.upload_failures += 1
+            self._ostats.last_failure = f"upload: {exc}" if exc is not None else "upload failed"
 
     def _commit_rows_locked(self, segment_id: str, rows: Sequence[SegmentEntry]) -> None:
         """Rows of ``segment_id`` are now in the store: latest stamp per key wins, as it will at rebuild."""
@@ -726,9 +734,9 @@ class ObjectTier(Tier):
                     return
             try:
                 self._drain()
-            except Exception:  # a bug must not silently end uploads: log it, back off, keep going
+            except Exception as exc:  # a bug must not silently end uploads: log it, back off, keep going
                 log.exception("object tier: uploader failed; retrying after a backoff")
-                self._note_failure()
+                self._note_failure(exc)
 
     # --- rebuild ---------------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -826,6 +834,13 @@ class ObjectTier(Tier):
             snap.backlog_items = len(self._backlog)
             snap.segments = len(self._segment_live)
             snap.store_down = self._gate.down
+            snap.pending_blocks = sum(
+                1 for seg in self._pending.values() for key in seg.entries
+                if (loc := self._index.get(key)) is not None and loc.segment_id == seg.segment_id
+            )  # fmt: skip
+            snap.uploaded_blocks = self._stats.blocks - snap.pending_blocks
+            if not snap.store_down:
+                snap.last_failure = None
         return snap
 
 
