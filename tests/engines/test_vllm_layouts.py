@@ -145,7 +145,9 @@ def test_cross_layer_layouts_move_all_layers_in_one_copy(physical: KVCacheLayout
     stacked = stack_layers(caches)
     assert stacked is not None and stacked.shape == (BLOCKS, LAYERS, HEADS, BS, 2 * DIM)
     if physical.is_block_compact:  # a block's pages of all layers are one contiguous run of bytes
-        assert stacked[2].is_contiguous() and stacked.stride(0) == LAYERS * stacked.stride(1)
+        block = stacked[2]
+        span = 1 + sum((size - 1) * stride for size, stride in zip(block.shape, block.stride(), strict=True))
+        assert span == block.numel() and stacked.stride(0) == block.numel()
     layout = layout_for(ContentSplit.KV_CONCAT, physical)
     out = torch.empty((len(BLOCK_IDS), LAYERS, *layout.layer_shape), dtype=torch.float16)
     layout.gather_all(stacked, BLOCK_IDS, out)
