@@ -2,7 +2,8 @@
 
     python examples/vllm_worker.py MODEL_DIR PROMPTS.json --url URL [--token T] [--kv-role kv_producer|...]
 
-Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order.
+Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order
+(``--batch``: one call for all of them, so the engine schedules them together).
 ``--kv-role kv_producer`` makes a prefill worker (saves only), ``kv_consumer`` a decode worker (loads only),
 ``kv_both`` (default) does both. Without ``--url`` the engine runs with no connector (the reference).
 Output: one line ``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``.
@@ -40,6 +41,7 @@ def main() -> int:
     parser.add_argument("--tcp", action="store_true", help="read blocks over TCP even on the server's host")
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable vLLM's own prefix cache")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--batch", action="store_true", help="one generate call for all prompts (scheduled together)")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -83,8 +85,11 @@ def main() -> int:
     )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
     results = []
-    for prompt in prompts:
-        (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    if args.batch:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    else:
+        outs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0] for p in prompts]
+    for out in outs:
         completion = out.outputs[0]
         logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
         results.append(

@@ -288,3 +288,49 @@ def test_cuda_paths_import_and_fall_back_without_cuda(caplog: pytest.LogCaptureF
         wanted = DeviceStaging(torch.device("cuda", 0))
         assert not wanted.cuda and "CUDA is not usable here: synchronous copies" in caplog.text
         assert not PinnedPool(pin=False).take("x", (4,), torch.uint8).is_pinned()
+
+
+@pytest.fixture(scope="module")
+def cpu_engine_config(tiny_model):
+    """A real VllmConfig for the tiny Llama with its attention layers registered, as a CPU worker has them."""
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    model = ModelConfig(model=str(tiny_model), dtype="float32", skip_tokenizer_init=True)
+    config = VllmConfig(model_config=model, cache_config=CacheConfig(block_size=BS))
+    config.cache_config.kv_cache_layout = KVCacheLayout.LBHNC.name  # what the engine core resolves for CPU_ATTN
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    with set_current_vllm_config(config):
+        layers = [Attention(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2, prefix=n) for n in names]
+    return config, names, layers
+
+
+def test_describe_reads_the_cpu_backend_and_refuses_what_it_cannot_read(cpu_engine_config) -> None:
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+    from kvfabric.client.vllm.describe import describe
+
+    config, names, layers = cpu_engine_config
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    caches = dict(zip(names, vllm_caches(spec, KVCacheLayout.LBHNC, layers=4), strict=True))
+    layout = describe(config, None, caches, names)
+    assert (layout.backend, layout.split, layout.physical) == ("CPU_ATTN", ContentSplit.CPU_KT_V, "LBHNC")
+    assert (layout.kv_heads, layout.block_size, layout.head_dim, layout.cross_layer) == (2, BS, 64, False)
+
+    window = SlidingWindowSpec(block_size=BS, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64)
+    hybrid = KVCacheConfig(num_blocks=BLOCKS, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(names[:2], spec), KVCacheGroupSpec(names[2:], window)])  # fmt: skip
+    with pytest.raises(LayoutError, match="hybrid KV cache .2 KV cache groups: FullAttentionSpec, SlidingWindowSpec"):
+        describe(config, hybrid, caches, names)
+
+    for layer in layers:  # what vLLM's CPU metadata builder records on an AMX host for bf16 and 32-token blocks
+        layer.isa = "amx"
+    try:
+        with pytest.raises(LayoutError, match="vLLM CPU attention with ISA 'amx'"):
+            describe(config, None, caches, names)
+    finally:
+        for layer in layers:
+            del layer.isa
+    nhd = dict(zip(names, vllm_caches(spec, KVCacheLayout.LBNHC, layers=4), strict=True))
+    with pytest.raises(LayoutError, match="model.layers.0.self_attn.attn: the CPU backend's"):
+        describe(config, None, nhd, names)

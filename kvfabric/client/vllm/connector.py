@@ -437,8 +437,8 @@ class KVFabricConnector(KVConnectorBase_V1):
             stored += self._client.put_blocks(self._spec, hashes[spec.first_block : spec.end_block], blocks, parent)
             row += n
         log.info(
-            "kvfabric: stored %d blocks (%d tokens) for %d request(s) in %.1f ms",
-            stored, stored * self._spec.block_size, len(staged.saves), 1e3 * (time.perf_counter() - started),
+            "kvfabric: stored %d blocks (%d tokens) for %d request(s) in %.1f ms (%d sent)",
+            stored, stored * self._spec.block_size, len(staged.saves), 1e3 * (time.perf_counter() - started), row,
         )  # fmt: skip
 
     def _reap_saves(self, *, block: bool, timeout: float | None = None) -> None:
