@@ -334,3 +334,21 @@ def test_describe_reads_the_cpu_backend_and_refuses_what_it_cannot_read(cpu_engi
     nhd = dict(zip(names, vllm_caches(spec, KVCacheLayout.LBNHC, layers=4), strict=True))
     with pytest.raises(LayoutError, match="model.layers.0.self_attn.attn: the CPU backend's"):
         describe(config, None, nhd, names)
+
+
+def test_client_staging_reuses_buffers_and_falls_back_without_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    from kvfabric.client.buffers import Destination, PinnedStaging, readable, settle
+
+    caplog.set_level(logging.INFO, logger="kvfabric")
+    staging = PinnedStaging(keep=2)
+    a = staging.acquire(1000)
+    path = "pinned" if torch.cuda.is_available() else "pageable (no CUDA here)"
+    assert f"CUDA tensors go through {path} host staging" in caplog.text and a.is_pinned() == torch.cuda.is_available()
+    staging.release([a])
+    assert staging.acquire(600).data_ptr() == a.data_ptr()  # the free buffer that fits is reused
+    staging.release([staging.acquire(10) for _ in range(4)])
+    assert len(staging._free) == 2  # at most `keep` stay between calls
+    held: list[torch.Tensor] = []
+    src = torch.arange(12, dtype=torch.float32)
+    assert bytes(readable(src, staging, held)) == src.numpy().tobytes() and held == []  # host tensors: no staging
+    settle([Destination(memoryview(bytearray(4)))], staging)  # host destinations: nothing to wait for
