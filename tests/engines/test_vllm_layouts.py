@@ -185,6 +185,36 @@ def test_cpu_backend_keys_are_read_transposed_by_vllms_own_kernel(isa: str, dtyp
         assert torch.equal(fresh[layer], caches[layer])  # byte for byte what vLLM's kernel wrote
 
 
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_cpu_amx_tiles_are_read_by_vllms_rule(block_size: int) -> None:
+    """The AMX ISA's tiled K and V (bf16, blocks of a multiple of 32), built by vLLM's own kernel in ``amx`` mode
+    (its cache writes are plain stores, so they run on any x86 host)."""
+    blocks, heads, dim = 3, 2, 64
+    g = torch.Generator().manual_seed(7)
+    keys, values = (torch.randn(blocks * block_size, heads, dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    cache = torch.zeros(blocks, heads, block_size, 2 * dim, dtype=torch.bfloat16)
+    key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, dim).chunk(2, dim=2)
+    slots = torch.randperm(blocks * block_size, generator=g)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, "amx")
+    layout = PagedLayout("CPU_ATTN", ContentSplit.CPU_AMX, "LBHNC", heads, block_size, dim)
+    layout.check("model.layers.0.self_attn.attn", cache)
+    out = torch.empty((blocks, *layout.layer_shape), dtype=torch.bfloat16)
+    layout.gather(cache, [2, 0, 1], out)
+    for t, slot in enumerate(slots.tolist()):
+        b, n = divmod(slot, block_size)
+        i = [2, 0, 1].index(b)
+        assert torch.equal(out[i, 0, n], keys[t]) and torch.equal(out[i, 1, n], values[t])
+    vec = PagedLayout("CPU_ATTN", ContentSplit.CPU_KT_V, "LBHNC", heads, block_size, dim)
+    vec_out = torch.empty_like(out)
+    vec.gather(cache, [2, 0, 1], vec_out)
+    assert not torch.equal(vec_out, out)  # reading AMX tiles by the vec rule gives other K/V
+    fresh = torch.zeros_like(cache)
+    layout.scatter(fresh, [2, 0, 1], out)
+    assert torch.equal(fresh, cache)  # byte for byte what vLLM's kernel wrote
+    with pytest.raises(LayoutError, match="AMX tiling is defined for bf16"):
+        layout.check("model.layers.0.self_attn.attn", cache.float())
+
+
 def test_cpu_attention_reads_scattered_blocks_like_its_own_writes() -> None:
     """vLLM's CPU attention kernel over a cache kvfabric scattered equals it over the cache vLLM wrote."""
     keys, values = random_kv(len(SLOTS), torch.float32, seed=4)
@@ -323,12 +353,24 @@ def test_describe_reads_the_cpu_backend_and_refuses_what_it_cannot_read(cpu_engi
     with pytest.raises(LayoutError, match="hybrid KV cache .2 KV cache groups: FullAttentionSpec, SlidingWindowSpec"):
         describe(config, hybrid, caches, names)
 
-    for layer in layers:  # what vLLM's CPU metadata builder records on an AMX host for bf16 and 32-token blocks
-        layer.isa = "amx"
+    for isa, refused in (("amx", "AMX tiling is defined for bf16"), ("neon", "CPU attention with ISA 'neon'")):
+        for layer in layers:  # what vLLM's CPU metadata builder records (AMX host: bf16, blocks % 32; ARM: neon)
+            layer.isa = isa
+        try:
+            with pytest.raises(LayoutError, match=refused):  # this fp32 cache is not what the AMX kernel tiles
+                describe(config, None, caches, names)
+        finally:
+            for layer in layers:
+                del layer.isa
+    bf16 = FullAttentionSpec(block_size=BS * 2, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    config.cache_config.block_size = BS * 2
     try:
-        with pytest.raises(LayoutError, match="vLLM CPU attention with ISA 'amx'"):
-            describe(config, None, caches, names)
+        for layer in layers:
+            layer.isa = "amx"
+        amx = dict(zip(names, vllm_caches(bf16, KVCacheLayout.LBHNC, layers=4), strict=True))
+        assert describe(config, None, amx, names).split is ContentSplit.CPU_AMX
     finally:
+        config.cache_config.block_size = BS
         for layer in layers:
             del layer.isa
     nhd = dict(zip(names, vllm_caches(spec, KVCacheLayout.LBNHC, layers=4), strict=True))

@@ -6,8 +6,9 @@ Everything vLLM-specific about layouts lives here; ``layouts`` stays pure tensor
 - hybrid models (several KV cache groups, sliding-window or Mamba layers): a fabric block holds every layer of
   a block, which those groups do not share;
 - layers sharing another layer's KV (``kv_sharing_target_layer_name``), kernel-block splitting, padded pages;
-- vLLM's CPU attention with ISA ``amx`` (bf16, block size a multiple of 32 on AMX hardware), ``neon``, ``vsx``, ...
-  and CPU fp8 caches: their kernels tile K/V in forms whose rule vLLM's shipped Python does not state;
+- vLLM's CPU attention with ISA ``neon``, ``vsx``, ``vxe``, ``rvv`` and CPU fp8 caches: their kernels' K/V
+  placement is not read here (``vec``/``vec16`` and ``amx`` are, from vLLM's kernels, and checked against the
+  shipped kernel in ``tests/engines/test_vllm_layouts.py``);
 - backends whose content split is not one of :class:`ContentSplit` (NVFP4, per-token-head quantisation,
   TurboQuant, sparse MLA indexers, ...).
 """
@@ -32,9 +33,10 @@ KV_CONCAT_BACKENDS = frozenset({"FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX
 MLA_BACKENDS = frozenset({"FLASHMLA", "FLASHINFER_MLA", "CUTLASS_MLA", "TRITON_MLA", "FLASH_ATTN_MLA", "CPU_MLA"})
 """MLA backends whose cache is the plain latent ``[B, 1, N, kv_lora_rank + rope_dim]`` (``concat_and_cache_mla``)."""
 CPU_BACKEND = "CPU_ATTN"
-CPU_ISAS = frozenset({"vec", "vec16"})
-"""CPU ISAs whose ``reshape_and_cache`` writes K as ``[head_dim, block_size]`` and V as ``[block_size, head_dim]``
-per (block, head) (``AttentionImpl<ISA::VEC>``; ``VEC16`` inherits it)."""
+CPU_ISAS = {"vec": ContentSplit.CPU_KT_V, "vec16": ContentSplit.CPU_KT_V, "amx": ContentSplit.CPU_AMX}
+"""CPU ISAs whose ``reshape_and_cache`` placement kvfabric reads: ``vec`` writes K as ``[head_dim, block_size]``
+and V as ``[block_size, head_dim]`` per (block, head) (``AttentionImpl<ISA::VEC>``; ``VEC16`` inherits it), ``amx``
+tiles both (``AttentionImpl<ISA::AMX>``; see ``layouts``)."""
 PLAIN_CACHE_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
 FP8_CACHE_DTYPES = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
@@ -120,14 +122,13 @@ def describe(
         if backend in KV_CONCAT_BACKENDS:
             split = ContentSplit.KV_CONCAT
         elif backend == CPU_BACKEND:
-            split = ContentSplit.CPU_KT_V
             isa = cpu_isa(layers[layer_names[0]], first.dtype, block_size, head_dim, str(cache.cache_dtype))
             if isa not in CPU_ISAS:
                 raise LayoutError(
-                    f"vLLM CPU attention with ISA {isa!r} (dtype {first.dtype}, block size {block_size}) stores K/V "
-                    f"tiled by a rule kvfabric does not read; supported ISAs: {sorted(CPU_ISAS)} (for bf16 on AMX "
-                    "hosts use a block size that is not a multiple of 32, or dtype float16/float32)"
+                    f"vLLM CPU attention with ISA {isa!r} (dtype {first.dtype}, block size {block_size}) places K/V "
+                    f"by a rule kvfabric does not read; supported ISAs: {sorted(CPU_ISAS)}"
                 )
+            split = CPU_ISAS[isa]
             if cache.cache_dtype not in PLAIN_CACHE_DTYPES:
                 raise LayoutError(f"vLLM CPU attention with kv_cache_dtype {cache.cache_dtype!r} is not supported")
         else:
