@@ -45,6 +45,8 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.batch:  # an in-process engine core sees every request before its first step
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The connector's INFO lines (matched / fetched / stored) are part of what the tests check. vLLM configures
     # logging in each of its processes from VLLM_LOGGING_CONFIG_PATH, so the kvfabric logger is declared there.
     log_config = Path(tempfile.mkdtemp(prefix="kvfabric-vllm-log-")) / "logging.json"
@@ -77,7 +79,8 @@ def main() -> int:
         dtype="float32",
         skip_tokenizer_init=True,
         max_model_len=max(len(p) for p in prompts) + args.max_tokens + 16,
-        max_num_batched_tokens=max(len(p) for p in prompts) + args.max_tokens + 16,
+        # --batch: room for every prompt in one step, so requests sharing a prefix are scheduled together
+        max_num_batched_tokens=(sum if args.batch else max)(len(p) for p in prompts) + args.max_tokens + 16,
         enable_prefix_caching=not args.no_prefix_cache,
         enforce_eager=True,  # no torch.compile: engine start in seconds, not minutes
         kv_transfer_config=transfer,
