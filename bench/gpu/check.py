@@ -276,11 +276,15 @@ def speed(report: Report, url: str, device: Any, transports: list[str], n: int, 
         with client(url, transport) as c:
             c.get_blocks(spec, hashes[:1], outs_host[:1])  # connect, map the arena
 
-            def staged() -> None:  # the connector's path: into reused pinned memory, then one async H2D
-                got = c.get_blocks(spec, hashes, outs_host)
-                assert all(g is not None for g in got)
-                with torch.cuda.stream(stream):
-                    dev.copy_(host, non_blocking=True)
+            def staged(step: int = 4) -> None:
+                """The connector's path, pipelined: ``step`` blocks into reused pinned memory, then their async
+                H2D on a side stream while the next ``step`` blocks arrive."""
+                for lo in range(0, n, step):
+                    got = c.get_blocks(spec, hashes[lo : lo + step], outs_host[lo : lo + step])
+                    assert all(g is not None for g in got)
+                    span = slice(lo * spec.block_nbytes, min(n, lo + step) * spec.block_nbytes)
+                    with torch.cuda.stream(stream):
+                        dev[span].copy_(host[span], non_blocking=True)
                 stream.synchronize()
 
             def direct() -> None:  # the client's CUDA destination path
