@@ -3,8 +3,10 @@
 
 Everything vLLM-specific about layouts lives here; ``layouts`` stays pure tensor code. What is refused, and why:
 
-- hybrid models (several KV cache groups, sliding-window or Mamba layers): a fabric block holds every layer of
-  a block, which those groups do not share;
+- hybrid KV caches (several KV cache groups: vLLM's hybrid manager with sliding-window or Mamba layers): a fabric
+  block holds every layer of a block, which those groups do not share. The connector does not claim vLLM's
+  ``SupportsHMA``, so vLLM runs sliding-window models (Gemma 3, gpt-oss) with one full-attention group instead,
+  whose pages hold every token's KV; those are read like any other;
 - layers sharing another layer's KV (``kv_sharing_target_layer_name``), kernel-block splitting, padded pages;
 - vLLM's CPU attention with ISA ``neon``, ``vsx``, ``vxe``, ``rvv`` and CPU fp8 caches: their kernels' K/V
   placement is not read here (``vec``/``vec16`` and ``amx`` are, from vLLM's kernels, and checked against the
@@ -78,8 +80,12 @@ def describe(
                 "all layers keep full attention"
             )
         spec = groups[0].kv_cache_spec
-        if not isinstance(spec, FullAttentionSpec) or spec.sliding_window is not None:
-            raise LayoutError(f"KV cache spec {type(spec).__name__} (sliding window or non-attention) is not supported")
+        # One group of FullAttentionSpec also covers sliding-window layers when vLLM's hybrid manager is off (as
+        # vLLM does for connectors without HMA support): their blocks then hold every token's KV, like full ones.
+        if not isinstance(spec, FullAttentionSpec):
+            raise LayoutError(
+                f"KV cache spec {type(spec).__name__} is not supported (kvfabric stores full-attention pages)"
+            )
         if getattr(spec, "page_size_padded", None) is not None:
             raise LayoutError(f"padded KV pages ({spec.page_size_padded} bytes) are not supported")
         if getattr(spec, "num_head_slots", None) is not None or getattr(spec, "state_content_bytes", None) is not None:
