@@ -68,13 +68,13 @@ def test_transformers_publishes_vllm_loads_and_the_reverse(tiny_model: Path, tmp
         a_proc = start(tiny_model, [from_hf, from_vllm], tmp_path, "a", "--no-prefix-cache", *connect(fabric))
         ref, _ = finish(ref_proc)
         a, a_log = finish(a_proc)
-        assert "KV layout CPU_ATTN (cpu_kt_v, LBHNC) on cpu" in a_log
         assert matched(a_log, PROMPT) == [PROMPT - BLOCK, 0]
         assert "fetched 7 blocks (896 tokens)" in a_log and "(0 missing)" in a_log and "recomputing" not in a_log
         assert a[0]["num_cached_tokens"] == PROMPT - BLOCK
         assert_same(a[0], ref[0])  # vLLM on the transformers adapter's KV == vLLM computing everything itself
         assert_same(a[1], ref[1])
         assert "stored 8 blocks (1024 tokens)" in a_log  # from_vllm, published by vLLM
+        assert "KV layout CPU_ATTN (cpu_kt_v, LBHNC) on cpu" in a_log
 
         decoded = hf_worker("decode", fabric, tiny_model, [from_vllm], tmp_path)[0]
     assert decoded["matched_tokens"] == PROMPT - BLOCK
