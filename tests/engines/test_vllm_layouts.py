@@ -287,7 +287,7 @@ def test_layouts_that_do_not_fit_are_refused_by_name() -> None:
             "model.layers.1.self_attn.attn", padded
         )
     assert kv_quant_name("auto") == "none" and kv_quant_name("bfloat16") == "none"
-    assert kv_quant_name("fp8") == "fp8_e4m3;per-tensor-scales=checkpoint"
+    assert kv_quant_name("fp8") == "fp8_e4m3;scales=checkpoint"
     for refused in ("nvfp4", "int8_per_token_head", "fp8_ds_mla", "turboquant_k8v4"):
         with pytest.raises(LayoutError, match=f"kv_cache_dtype '{refused}' is not supported"):
             kv_quant_name(refused)

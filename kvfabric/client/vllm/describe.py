@@ -52,7 +52,7 @@ def kv_quant_name(cache_dtype: str) -> str:
     if cache_dtype in PLAIN_CACHE_DTYPES:
         return "none"
     if cache_dtype in FP8_CACHE_DTYPES:
-        return f"{FP8_CACHE_DTYPES[cache_dtype]};per-tensor-scales=checkpoint"
+        return f"{FP8_CACHE_DTYPES[cache_dtype]};scales=checkpoint"
     raise LayoutError(
         f"kv_cache_dtype {cache_dtype!r} is not supported by kvfabric (supported: auto, float16, bfloat16, "
         f"{', '.join(FP8_CACHE_DTYPES)}); its pages pack scales or codes kvfabric does not read"
