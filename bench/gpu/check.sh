@@ -12,8 +12,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python3}"
 # The packages `kvfabric serve` imports with a disk tier (torch and numpy come with the host's CUDA PyTorch).
-needed=(xxhash zstandard rocksdict msgpack sortedcontainers pydantic pydantic-settings pyyaml uvloop click)
-if ! "$python" -c "import xxhash, zstandard, rocksdict, msgpack, sortedcontainers, pydantic, pydantic_settings, yaml, click" 2>/dev/null; then
+needed=(xxhash zstandard rocksdict msgpack sortedcontainers pydantic pydantic-settings pyyaml uvloop click httpx)
+if ! "$python" -c "import xxhash, zstandard, rocksdict, msgpack, sortedcontainers, pydantic, pydantic_settings, yaml, click, httpx" 2>/dev/null; then
   if compgen -G "$here/wheels/*.whl" > /dev/null; then
     echo "installing kvfabric's server dependencies from $here/wheels (no network)" >&2
     "$python" -m pip install -q --no-index --find-links "$here/wheels" "${needed[@]}"

@@ -6,5 +6,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 pyver="${PYVER:-$(python3 -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')}"
 python3 -m pip download -q --only-binary=:all: --python-version "$pyver" --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$here/wheels" \
-  xxhash zstandard rocksdict msgpack sortedcontainers pydantic pydantic-settings pyyaml uvloop click
+  xxhash zstandard rocksdict msgpack sortedcontainers pydantic pydantic-settings pyyaml uvloop click httpx
 du -sh "$here/wheels"
