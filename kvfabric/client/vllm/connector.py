@@ -17,6 +17,10 @@ the workers in the connector metadata. Worker side: ``start_load_kv`` starts the
 layer's ``wait_for_layer_load`` waits only for its own layer; ``save_kv_layer`` copies the layer's newly completed
 prompt blocks out of the paged cache and ``wait_for_save`` hands the copy to a background thread, so the forward pass
 never waits for the network. Any fabric failure is logged with its cause and the affected tokens are recomputed.
+
+Layouts: ``register_kv_caches`` reads the engine's paged layout from vLLM (``describe``) and every copy converts
+between it and the one canonical block format (``layouts``), so blocks move between engines whatever their
+layouts; a CUDA cache is staged through reused pinned buffers on a side stream (``staging``).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class PagedLayout:
     kv_heads: int
     block_size: int
     head_dim: int  # per K (and per V); the latent width for MLA
-    cross_layer: bool = False  # block-outermost: a block's pages of all layers are one contiguous run
+    cross_layer: bool = False  # block-outermost (BLHNC, ...): a block's pages of all layers sit together
 
     @property
     def latent(self) -> bool:
