@@ -2,7 +2,8 @@
 
     python examples/vllm_worker.py MODEL_DIR PROMPTS.json --url URL [--token T] [--kv-role kv_producer|...]
 
-Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order.
+Greedy generation for each prompt of a JSON list of token-id lists, one ``generate`` call per prompt, in order
+(``--batch``: one call for all of them, so the engine schedules them together).
 ``--kv-role kv_producer`` makes a prefill worker (saves only), ``kv_consumer`` a decode worker (loads only),
 ``kv_both`` (default) does both. Without ``--url`` the engine runs with no connector (the reference).
 Output: one line ``RESULT {"results": [{"tokens": [...], "logprobs": [...], "num_cached_tokens": N}, ...]}``
@@ -74,9 +75,12 @@ def main() -> int:
     parser.add_argument("--no-prefix-cache", action="store_true", help="disable vLLM's own prefix cache")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--label", default="vllm_worker", help="prefix of the progress lines on stderr")
+    parser.add_argument("--batch", action="store_true", help="one generate call for all prompts (scheduled together)")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.batch:  # an in-process engine core sees every request before its first step
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # The connector's INFO lines (matched / fetched / stored) are part of what the tests check. vLLM configures
     # logging in each of its processes from VLLM_LOGGING_CONFIG_PATH, so the kvfabric logger is declared there.
     log_config = Path(tempfile.mkdtemp(prefix="kvfabric-vllm-log-")) / "logging.json"
@@ -112,7 +116,8 @@ def main() -> int:
             dtype="float32",
             skip_tokenizer_init=True,
             max_model_len=max(len(p) for p in prompts) + args.max_tokens + 16,
-            max_num_batched_tokens=max(len(p) for p in prompts) + args.max_tokens + 16,
+            # --batch: room for every prompt in one step, so requests sharing a prefix are scheduled together
+            max_num_batched_tokens=(sum if args.batch else max)(len(p) for p in prompts) + args.max_tokens + 16,
             enable_prefix_caching=not args.no_prefix_cache,
             enforce_eager=True,  # no torch.compile: engine start in seconds, not minutes
             kv_transfer_config=transfer,
@@ -120,9 +125,15 @@ def main() -> int:
         )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
     results = []
-    for i, prompt in enumerate(prompts, 1):
-        progress(args.label, f"prompt {i} of {len(prompts)}: {len(prompt)} tokens, generating {args.max_tokens}")
-        (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    if args.batch:
+        progress(args.label, f"{len(prompts)} prompts in one batch, generating {args.max_tokens} each")
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    else:
+        outs = []
+        for i, prompt in enumerate(prompts, 1):
+            progress(args.label, f"prompt {i} of {len(prompts)}: {len(prompt)} tokens, generating {args.max_tokens}")
+            outs.append(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0])
+    for out in outs:
         completion = out.outputs[0]
         logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
         results.append(

@@ -58,8 +58,12 @@ _ALIASES = {
     "int8": DType.INT8, "uint8": DType.UINT8,
 }  # fmt: skip
 
-LAYOUTS = ("layers_kv_tokens_heads_dim",)
-"""Known block layouts. The default, ``[layers, 2, block_size, kv_heads, head_dim]``, is the design card's."""
+LAYOUTS = ("layers_kv_tokens_heads_dim", "layers_tokens_latent")
+"""Known block layouts (the canonical forms every engine adapter converts to and from). The default,
+``[layers, 2, block_size, kv_heads, head_dim]``, is the design card's; ``layers_tokens_latent`` is
+``[layers, block_size, head_dim]`` for MLA caches (one latent vector per token, ``kv_heads`` 1, ``head_dim`` the
+latent width)."""
+LATENT_LAYOUT = LAYOUTS[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +97,15 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.tp_rank {self.tp_rank} outside [0, {self.tp_size})")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; known: {LAYOUTS}")
+        if self.layout == LATENT_LAYOUT and self.kv_heads != 1:
+            raise ValueError(f"layout {LATENT_LAYOUT} has one latent vector per token: kv_heads must be 1")
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """Shape of one block's tensor: ``[layers, 2, block_size, kv_heads, head_dim]``."""
+        """Shape of one block's tensor: ``[layers, 2, block_size, kv_heads, head_dim]`` (latent:
+        ``[layers, block_size, head_dim]``)."""
+        if self.layout == LATENT_LAYOUT:
+            return (self.num_layers, self.block_size, self.head_dim)
         return (self.num_layers, 2, self.block_size, self.kv_heads, self.head_dim)
 
     @property

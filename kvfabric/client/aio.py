@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvfabric.client.buffers import Destination, readable, torch_dtype, writable
+from kvfabric.client.buffers import Destination, PinnedStaging, readable, settle, torch_dtype, writable
 from kvfabric.client.leased import LeasedReader
 from kvfabric.client.session import (
     ClientOptions,
@@ -182,6 +182,7 @@ class AsyncClient:
         self._session: SessionInfo | None = None
         self._leased: LeasedReader | None = None
         self._closed = False
+        self._staging = PinnedStaging()  # host buffers for CUDA tensors, reused across calls
 
     async def _connection(self) -> AsyncConnection:
         if self._closed:
@@ -320,7 +321,7 @@ class AsyncClient:
             out = [np.empty(spec.block_nbytes, dtype=np.uint8) for _ in hashes]
         if len(out) != len(hashes):
             raise ValueError(f"{len(out)} output buffers for {len(hashes)} hashes")
-        dests = [writable(o) for o in out]
+        dests = [writable(o, self._staging) for o in out]
         session = await self.session()
         fp = session.fingerprint(spec)
 
@@ -331,7 +332,10 @@ class AsyncClient:
             return await self._call("get", lambda conn: self._get_tcp(conn, fp, h, d, chunks, on_chunk))
 
         runs = batches(len(hashes), [spec.block_nbytes] * len(hashes), session.limits)
-        metas = [m for ms in await asyncio.gather(*(one(r) for r in runs)) for m in ms]
+        try:
+            metas = [m for ms in await asyncio.gather(*(one(r) for r in runs)) for m in ms]
+        finally:
+            settle(dests, self._staging)
         return [o if m is not None else None for o, m in zip(out, metas, strict=True)]
 
     async def _get_tcp(
@@ -384,7 +388,8 @@ class AsyncClient:
         if fp not in session.registered:
             await self.register_model(spec)
         root = parent if parent is not None else root_hash(fp, session.salt)
-        payloads = [readable(b) for b in blocks]
+        held: list[Any] = []  # pinned buffers of CUDA sources, released below
+        payloads = [readable(b, self._staging, held) for b in blocks]
         items = put_items(spec, hashes, root, payloads)
 
         async def one(run: range) -> int:
@@ -396,7 +401,10 @@ class AsyncClient:
             return await self._call("put", op)
 
         runs = batches(len(items), [it.meta.nbytes for it in items], session.limits)
-        return sum(await asyncio.gather(*(one(r) for r in runs)))
+        try:
+            return sum(await asyncio.gather(*(one(r) for r in runs)))
+        finally:
+            self._staging.release(held)
 
     async def put(self, spec: ModelSpec, tokens: Any, kv: Any, extras: Sequence[bytes] | None = None) -> int:
         hashes = await self.block_hashes(spec, tokens, extras)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvfabric.client.buffers import Destination, readable, torch_dtype, writable
+from kvfabric.client.buffers import Destination, PinnedStaging, readable, settle, torch_dtype, writable
 from kvfabric.client.leased import LeasedReader
 from kvfabric.client.session import (
     ClientOptions,
@@ -55,6 +55,7 @@ class Client:
         self._session: SessionInfo | None = None
         self._leased: LeasedReader | None = None
         self._closed = False
+        self._staging = PinnedStaging()  # host buffers for CUDA tensors, reused across calls
 
     # --- connections ---------------------------------------------------------------------------------------------
     @contextmanager
@@ -221,17 +222,20 @@ class Client:
             out = [np.empty(spec.block_nbytes, dtype=np.uint8) for _ in hashes]
         if len(out) != len(hashes):
             raise ValueError(f"{len(out)} output buffers for {len(hashes)} hashes")
-        dests = [writable(o) for o in out]
+        dests = [writable(o, self._staging) for o in out]
         fp = self.session.fingerprint(spec)
         found: list[bool] = []
-        for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits):
-            h = [hashes[i] for i in run]
-            d = [dests[i] for i in run]
-            if self._leased is not None and chunks == 1:
-                metas = self._call("get", lambda conn: self._get_leased(conn, fp, h, d))
-            else:
-                metas = self._call("get", lambda conn: self._get_tcp(conn, fp, h, d, chunks, on_chunk))
-            found.extend(m is not None for m in metas)
+        try:
+            for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits):
+                h = [hashes[i] for i in run]
+                d = [dests[i] for i in run]
+                if self._leased is not None and chunks == 1:
+                    metas = self._call("get", lambda conn: self._get_leased(conn, fp, h, d))
+                else:
+                    metas = self._call("get", lambda conn: self._get_tcp(conn, fp, h, d, chunks, on_chunk))
+                found.extend(m is not None for m in metas)
+        finally:
+            settle(dests, self._staging)  # device copies done, staging buffers back for the next call
         return [o if f else None for o, f in zip(out, found, strict=True)]
 
     def _get_tcp(
@@ -284,16 +288,20 @@ class Client:
             raise ValueError(f"{len(blocks)} blocks for {len(hashes)} hashes")
         fp = self._ensure_model(spec)
         root = parent if parent is not None else root_hash(fp, self.session.salt)
-        payloads = [readable(b) for b in blocks]
+        held: list[Any] = []  # pinned buffers of CUDA sources, released below
+        payloads = [readable(b, self._staging, held) for b in blocks]
         items = put_items(spec, hashes, root, payloads)
         stored = 0
-        for run in batches(len(items), [it.meta.nbytes for it in items], self.session.limits):
-            def op(conn: SyncConnection, run: range = run) -> int:
-                head = fr.encode_put(conn.next_id(), fp, [items[i] for i in run])
-                reply = conn.request(head, [payloads[i] for i in run], what="put")
-                return expect(reply, fr.Count, "put").count
+        try:
+            for run in batches(len(items), [it.meta.nbytes for it in items], self.session.limits):
+                def op(conn: SyncConnection, run: range = run) -> int:
+                    head = fr.encode_put(conn.next_id(), fp, [items[i] for i in run])
+                    reply = conn.request(head, [payloads[i] for i in run], what="put")
+                    return expect(reply, fr.Count, "put").count
 
-            stored += self._call("put", op)  # content-addressed: re-sending the same blocks is harmless
+                stored += self._call("put", op)  # content-addressed: re-sending the same blocks is harmless
+        finally:
+            self._staging.release(held)
         return stored
 
     def put(self, spec: ModelSpec, tokens: Any, kv: Any, extras: Sequence[bytes] | None = None) -> int:

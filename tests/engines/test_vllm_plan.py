@@ -1,12 +1,11 @@
-"""The connector's vLLM-free parts: the scheduler's step planner and the CPU paged-layout copies."""
+"""The connector's vLLM-free parts: the scheduler's step planner and its configuration (layouts:
+``test_vllm_layouts.py``)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvfabric.client.vllm.config import ConnectorConfig
-from kvfabric.client.vllm.paged import gather_blocks, paged_view, scatter_blocks
 from kvfabric.client.vllm.plan import StepPlanner
 from kvfabric.errors import ConfigError
 
@@ -64,19 +63,21 @@ def test_roles_and_failed_loads() -> None:
     assert len(planner) == 0
 
 
-def test_paged_copies_match_the_cpu_attention_layout() -> None:
-    blocks, heads, dim = 6, 2, 8
-    layer = torch.randn(blocks, heads, BS, 2 * dim)
-    view = paged_view(layer)
-    # vLLM's CPU kernel reads keys as the first half of [blocks, heads, 2 * block_size, dim] along dim 2.
-    keys = layer.view(blocks, heads, 2 * BS, dim)[:, :, :BS]
-    assert torch.equal(view[:, :, 0], keys)
-    out = torch.empty(2, 2, BS, heads, dim)
-    gather_blocks(layer, [4, 1], out)
-    assert torch.equal(out[0, 0], keys[4].permute(1, 0, 2))
-    fresh = torch.zeros_like(layer)
-    scatter_blocks(fresh, [4, 1], out)
-    assert torch.equal(fresh[4], layer[4]) and torch.equal(fresh[1], layer[1]) and not fresh[0].any()
+def test_blocks_shared_by_two_requests_in_one_step_are_saved_once() -> None:
+    planner = StepPlanner(BS)
+    shared = tuple(range(2 * BS))
+    a, b = shared + tuple(range(100, 100 + 2 * BS)), shared + tuple(range(200, 200 + BS + 1))
+    for req, prompt in (("a", a), ("b", b)):
+        planner.on_lookup(req, prompt, fabric_blocks=0, computed_tokens=0)
+    planner.on_scheduled("a", [0, 1, 2, 3], replace=True, computed_after=len(a))
+    planner.on_scheduled("b", [4, 5, 6], replace=True, computed_after=len(b))  # its own engine blocks, same KV
+    saves = planner.take_plan().saves
+    assert [(s.req_id, s.first_block, s.block_ids) for s in saves] == [("a", 0, (0, 1, 2, 3)), ("b", 2, (6,))]
+    assert saves[1].tokens == b[: 3 * BS]  # the chain up to b's own block: its parent is the shared block 1
+    # The next step starts afresh: a request sharing the prefix there is deduplicated by the fabric, not here.
+    planner.on_lookup("c", b, fabric_blocks=0, computed_tokens=0)
+    planner.on_scheduled("c", [7, 8, 9], replace=True, computed_after=len(b))
+    assert [s.block_ids for s in planner.take_plan().saves] == [(7, 8, 9)]
 
 
 def test_connector_config_rejects_unknown_keys_and_bad_values() -> None:

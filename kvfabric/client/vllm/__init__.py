@@ -1,7 +1,7 @@
 """vLLM integration: :class:`KVFabricConnector`, a V1 KV connector backed by kvfabric.
 
 ``kv_connector="KVFabricConnector", kv_connector_module_path="kvfabric.client.vllm"``. The connector class is
-imported on first access, so the vLLM-free parts (``paged``, ``plan``, ``config``) load without vLLM.
+imported on first access, so the vLLM-free parts (``layouts``, ``plan``, ``staging``) load without vLLM.
 """
 
 from __future__ import annotations

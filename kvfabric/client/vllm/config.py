@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from kvfabric.client.vllm.describe import FP8_CACHE_DTYPES, kv_quant_name
 from kvfabric.errors import ConfigError
-from kvfabric.spec import DType, ModelSpec
+from kvfabric.spec import LATENT_LAYOUT, LAYOUTS, DType, ModelSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -56,23 +57,27 @@ class ConnectorConfig:
 
 
 def spec_for_vllm(vllm_config: VllmConfig, config: ConnectorConfig, *, tp_rank: int) -> ModelSpec:
-    """The ModelSpec of this engine's KV shard: one fabric block per vLLM block."""
+    """The ModelSpec of this engine's KV shard: one fabric block per vLLM block, in the canonical layout (the
+    latent one for MLA models), whatever the engine's physical layout (that is read at ``register_kv_caches``)."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     cache = vllm_config.cache_config
     if parallel.pipeline_parallel_size != 1:
         raise ConfigError("the kvfabric connector supports pipeline_parallel_size 1 only")
-    dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
-    quant = "none" if cache.cache_dtype == "auto" else str(cache.cache_dtype)
+    cache_dtype = str(cache.cache_dtype)
+    quant = kv_quant_name(cache_dtype)  # refuses quantisations kvfabric cannot carry, naming them
+    dtype = model.dtype if cache_dtype == "auto" else FP8_CACHE_DTYPES.get(cache_dtype, cache_dtype)
+    mla = bool(getattr(model, "use_mla", False))
     return ModelSpec(
         model=config.model or str(model.model),
         revision=config.revision or str(model.revision or "main"),
         dtype=DType.parse(str(dtype)),
         num_layers=model.get_num_layers(parallel),
-        kv_heads=model.get_num_kv_heads(parallel),
-        head_dim=model.get_head_size(),
+        kv_heads=1 if mla else model.get_num_kv_heads(parallel),
+        head_dim=model.get_head_size(),  # MLA: kv_lora_rank + qk_rope_head_dim, the latent width
         block_size=cache.block_size,
         tp_size=parallel.tensor_parallel_size,
         tp_rank=tp_rank,
         kv_quant=quant,
+        layout=LATENT_LAYOUT if mla else LAYOUTS[0],
     )

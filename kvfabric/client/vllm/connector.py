@@ -17,6 +17,10 @@ the workers in the connector metadata. Worker side: ``start_load_kv`` starts the
 layer's ``wait_for_layer_load`` waits only for its own layer; ``save_kv_layer`` copies the layer's newly completed
 prompt blocks out of the paged cache and ``wait_for_save`` hands the copy to a background thread, so the forward pass
 never waits for the network. Any fabric failure is logged with its cause and the affected tokens are recomputed.
+
+Layouts: ``register_kv_caches`` reads the engine's paged layout from vLLM (``describe``) and every copy converts
+between it and the one canonical block format (``layouts``), so blocks move between engines whatever their
+layouts; a CUDA cache is staged through reused pinned buffers on a side stream (``staging``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,8 +41,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfabric.client import Client
 from kvfabric.client.vllm.config import ConnectorConfig, spec_for_vllm
-from kvfabric.client.vllm.paged import gather_blocks, layer_geometry, scatter_blocks
+from kvfabric.client.vllm.describe import describe, layer_scales
+from kvfabric.client.vllm.layouts import PagedLayout, stack_layers
 from kvfabric.client.vllm.plan import LoadSpec, SaveSpec, StepPlan, StepPlanner
+from kvfabric.client.vllm.staging import DeviceStaging
 from kvfabric.errors import ConfigError, KVFabricError
 
 if TYPE_CHECKING:
@@ -54,6 +60,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_SAVES = 4
 """Steps whose saves may be in flight at once; beyond that ``wait_for_save`` waits for the oldest (backpressure)."""
+SAVE_BUFFERS = MAX_PENDING_SAVES + 2
+"""Reused host staging buffers for saves: one per step in flight, one for the step being gathered, one spare."""
 
 SHUTDOWN_DRAIN_S = 60.0
 
@@ -81,6 +89,16 @@ class _Load:
         for event in self.layer_ready:
             event.set()
         self.done.set()
+
+
+@dataclass(slots=True)
+class _Staged:
+    """One step's saves: the engine blocks' canonical copies in host ``kv`` (``[n, *block_shape]``, specs
+    concatenated) and the device events that mark the copies' end (CUDA only)."""
+
+    saves: tuple[SaveSpec, ...]
+    kv: torch.Tensor
+    events: list[Any] = field(default_factory=list)
 
 
 class KVFabricConnector(KVConnectorBase_V1):
@@ -112,12 +130,16 @@ class KVFabricConnector(KVConnectorBase_V1):
             self._spec = spec_for_vllm(vllm_config, self._config, tp_rank=get_tensor_model_parallel_rank())
             self._layers: list[torch.Tensor] = []
             self._layer_index: dict[str, int] = {}
+            self._layout: PagedLayout | None = None
+            self._stacked: torch.Tensor | None = None  # all layers as one view, for cross-layer layouts
+            self._staging: DeviceStaging | None = None
+            self._save_slot = 0
             # Separate threads so a queue of saves never delays a load the forward pass is waiting for.
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfabric-load")
             self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfabric-save")
             self._load: _Load | None = None
             self._failed_block_ids: set[int] = set()
-            self._staged: tuple[tuple[SaveSpec, ...], torch.Tensor] | None = None
+            self._staged: _Staged | None = None
             self._pending_saves: list[Future[None]] = []
         log.info("kvfabric connector (%s) for %s on %s", role.name.lower(), self._spec.model, self._config.url)
 
@@ -187,20 +209,36 @@ class KVFabricConnector(KVConnectorBase_V1):
 
     # --- worker side: layout -------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Read the engine's layout from vLLM (backend, KVCacheLayout, cache specs) and refuse what kvfabric cannot
+        convert to canonical blocks, naming it: nothing is ever stored or loaded in a guessed layout."""
         from vllm.model_executor.models.utils import extract_layer_index
 
         names = sorted(kv_caches, key=extract_layer_index)
         if len(names) != self._spec.num_layers:
             raise ConfigError(f"vLLM has {len(names)} KV layers, the kvfabric spec {self._spec.num_layers}")
-        for name in names:
-            geometry = layer_geometry(kv_caches[name])
-            expected = (self._spec.kv_heads, self._spec.block_size, self._spec.head_dim)
-            if geometry != expected:
-                raise ConfigError(
-                    f"KV layer {name} has (kv_heads, block_size, head_dim) {geometry}, the kvfabric spec {expected}"
-                )
+        layout = describe(self._vllm_config, self._kv_cache_config, kv_caches, names)
+        geometry = (layout.kv_heads, layout.block_size, layout.head_dim)
+        expected = (self._spec.kv_heads, self._spec.block_size, self._spec.head_dim)
+        if geometry != expected:
+            raise ConfigError(
+                f"vLLM's KV layers have (kv_heads, block_size, head_dim) {geometry}, the kvfabric spec {expected}"
+            )
+        if self._spec.block_shape != (self._spec.num_layers, *layout.layer_shape):
+            raise ConfigError(f"vLLM's KV layout {layout.describe()} does not match spec layout {self._spec.layout}")
         self._layers = [kv_caches[n] for n in names]
         self._layer_index = {n: i for i, n in enumerate(names)}
+        self._layout = layout
+        self._stacked = stack_layers(self._layers) if layout.cross_layer else None
+        self._staging = DeviceStaging(self._layers[0].device)
+        scales = ""
+        if self._spec.kv_quant != "none":
+            k_v = sorted(set(layer_scales(self._vllm_config, names)))
+            scales = f", per-tensor (k_scale, v_scale) {k_v[:4]}{' ...' if len(k_v) > 4 else ''}"
+        log.info(
+            "kvfabric: KV layout %s on %s, %d layers of %s, canonical %s%s%s",
+            layout.describe(), self._layers[0].device, len(names), tuple(self._layers[0].shape), self._spec.layout,
+            " (cross-layer: one copy per step for all layers)" if self._stacked is not None else "", scales,
+        )  # fmt: skip
 
     # --- worker side: loads --------------------------------------------------------------------------------------
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -220,10 +258,11 @@ class KVFabricConnector(KVConnectorBase_V1):
             hashes = []
             for spec in load.specs:
                 hashes += self._client.block_hashes(self._spec, list(spec.tokens))[spec.first_block : spec.end_block]
-            load.kv = torch.empty((len(hashes), *self._spec.block_shape), dtype=self._layers[0].dtype)
+            assert self._staging is not None
+            load.kv = self._staging.host("load", (len(hashes), *self._spec.block_shape), self._layers[0].dtype)
             out = [load.kv[i] for i in range(len(hashes))]
             transport = self._client.transport
-            if transport == "shm":
+            if transport == "shm" or self._stacked is not None:  # cross-layer: whole blocks, one copy for all layers
                 got = self._client.get_blocks(self._spec, hashes, out)
             else:  # chunk-major over the wire: chunk c of every block is layer c
                 got = self._client.get_blocks(
@@ -237,7 +276,9 @@ class KVFabricConnector(KVConnectorBase_V1):
             log.info(
                 "kvfabric: fetched %d blocks (%d tokens) for %d request(s) in %.1f ms over %s (%d missing)",
                 n, n * self._spec.block_size, len(load.specs), 1e3 * (time.perf_counter() - started),
-                "shared memory" if transport == "shm" else f"{transport}, layer by layer", sum(load.missing),
+                "shared memory" if transport == "shm" else (
+                    f"{transport}, whole blocks" if self._stacked is not None else f"{transport}, layer by layer"
+                ), sum(load.missing),
             )  # fmt: skip
         finally:
             load.finish()
@@ -246,19 +287,39 @@ class KVFabricConnector(KVConnectorBase_V1):
         index = self._layer_index.get(layer_name)
         if self._load is not None and index is not None:
             self._scatter_layer(self._load, index)
+            assert self._staging is not None
+            self._staging.wait_layer(index if self._stacked is None else -1)
 
     def _scatter_layer(self, load: _Load, index: int) -> None:
-        """Wait for layer ``index`` of ``load`` and copy it into the paged cache (once)."""
+        """Wait for layer ``index`` of ``load`` and copy it into the paged cache (once; for a cross-layer layout
+        the first call copies every layer at once)."""
         if index in load.scattered:
             return
         load.layer_ready[index].wait()
-        load.scattered.add(index)
+        layout, staging = self._layout, self._staging
+        assert layout is not None and staging is not None
+        if self._stacked is not None:
+            load.done.wait()
+            load.scattered.update(range(len(self._layers)))
+            index = -1  # one event covers every layer
+        else:
+            load.scattered.add(index)
         if load.error is not None or load.kv is None:
             return
         row = 0
         for spec in load.specs:
             n = len(spec.block_ids)
-            scatter_blocks(self._layers[index], spec.block_ids, load.kv[row : row + n, index])
+            ids = spec.block_ids
+            if self._stacked is not None:
+                stacked = self._stacked
+                staging.scatter_async(
+                    index, lambda src, ids=ids: layout.scatter_all(stacked, ids, src), load.kv[row : row + n]
+                )
+            else:
+                cache = self._layers[index]
+                staging.scatter_async(
+                    index, lambda src, ids=ids: layout.scatter(cache, ids, src), load.kv[row : row + n, index]
+                )
             row += n
 
     def _settle_load(self) -> None:
@@ -267,8 +328,11 @@ class KVFabricConnector(KVConnectorBase_V1):
         if load is None:
             return
         load.done.wait()
+        assert self._staging is not None
         for index in range(len(self._layers)):  # layers the forward did not reach still need their KV
             self._scatter_layer(load, index)
+            self._staging.wait_layer(index if self._stacked is None else -1)
+        self._staging.synchronize()  # the next step's fetch reuses the pinned load buffer
         row = 0
         for spec in load.specs:
             n = len(spec.block_ids)
@@ -301,37 +365,84 @@ class KVFabricConnector(KVConnectorBase_V1):
         assert isinstance(meta, FabricConnectorMetadata)
         if not meta.plan.saves:
             return
-        if self._staged is None or self._staged[0] is not meta.plan.saves:
-            n = sum(len(s.block_ids) for s in meta.plan.saves)
-            self._staged = (meta.plan.saves, torch.empty((n, *self._spec.block_shape), dtype=kv_layer.dtype))
-        row = 0
-        for spec in meta.plan.saves:
-            n = len(spec.block_ids)
-            gather_blocks(kv_layer, spec.block_ids, self._staged[1][row : row + n, index])
-            row += n
+        self._stage_saves(meta.plan.saves)
+        if self._stacked is not None:
+            return  # cross-layer: wait_for_save gathers every layer in one copy
+        assert self._staged is not None
+        for row, spec in self._save_rows():
+            self._gather(spec.block_ids, self._staged.kv[row : row + len(spec.block_ids), index], index)
+
+    def _stage_saves(self, saves: tuple[SaveSpec, ...]) -> None:
+        """The step's host buffer for its saves (reused from a ring of :data:`SAVE_BUFFERS`)."""
+        if self._staged is not None and self._staged.saves is saves:
+            return
+        assert self._staging is not None
+        n = sum(len(s.block_ids) for s in saves)
+        self._save_slot = (self._save_slot + 1) % SAVE_BUFFERS
+        kv = self._staging.host(f"save-{self._save_slot}", (n, *self._spec.block_shape), self._layers[0].dtype)
+        self._staged = _Staged(saves, kv)
+
+    def _save_rows(self) -> list[tuple[int, SaveSpec]]:
+        assert self._staged is not None
+        rows, row = [], 0
+        for spec in self._staged.saves:
+            rows.append((row, spec))
+            row += len(spec.block_ids)
+        return rows
+
+    def _gather(self, block_ids: tuple[int, ...], out: torch.Tensor, index: int) -> None:
+        """Copy engine blocks of layer ``index`` (all layers for ``index`` -1, cross-layer) into host ``out``."""
+        layout, staging = self._layout, self._staging
+        assert layout is not None and staging is not None and self._staged is not None
+        if not staging.cuda:  # host cache: straight into the staging buffer
+            if index < 0:
+                assert self._stacked is not None
+                layout.gather_all(self._stacked, block_ids, out)
+            else:
+                layout.gather(self._layers[index], block_ids, out)
+            return
+
+        def on_device() -> torch.Tensor:
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=self._layers[0].device)
+            if index < 0:
+                assert self._stacked is not None
+                layout.gather_all(self._stacked, block_ids, tmp)
+            else:
+                layout.gather(self._layers[index], block_ids, tmp)
+            return tmp
+
+        self._staged.events.append(staging.gather_to_host(on_device, out))
 
     def wait_for_save(self) -> None:
         self._settle_load()
         staged, self._staged = self._staged, None
         if staged is not None:
-            self._pending_saves.append(self._saver.submit(self._store, *staged))
+            if self._stacked is not None:  # cross-layer: the forward is done, gather the step in one copy
+                self._staged = staged
+                for row, spec in self._save_rows():
+                    self._gather(spec.block_ids, staged.kv[row : row + len(spec.block_ids)], -1)
+                self._staged = None
+            self._pending_saves.append(self._saver.submit(self._store, staged))
         self._reap_saves(block=len(self._pending_saves) > MAX_PENDING_SAVES)
 
-    def _store(self, saves: tuple[SaveSpec, ...], kv: torch.Tensor) -> None:
+    def _store(self, staged: _Staged) -> None:
         """Background thread: publish one step's newly computed prompt blocks."""
         started = time.perf_counter()
+        for event in staged.events:  # device -> host copies of this step, queued on the side stream
+            if event is not None:
+                event.synchronize()
         self._ready()
         row, stored = 0, 0
-        for spec in saves:
+        for spec in staged.saves:
             n = len(spec.block_ids)
             hashes = self._client.block_hashes(self._spec, list(spec.tokens))
             parent = hashes[spec.first_block - 1] if spec.first_block > 0 else None
-            blocks = [kv[row + i] for i in range(n)]
+            blocks = [staged.kv[row + i] for i in range(n)]
             stored += self._client.put_blocks(self._spec, hashes[spec.first_block : spec.end_block], blocks, parent)
             row += n
         log.info(
-            "kvfabric: stored %d blocks (%d tokens) for %d request(s) in %.1f ms",
-            stored, stored * self._spec.block_size, len(saves), 1e3 * (time.perf_counter() - started),
+            "kvfabric: stored %d blocks (%d tokens) for %d request(s) in %.1f ms (%d sent)",
+            stored, stored * self._spec.block_size, len(staged.saves), 1e3 * (time.perf_counter() - started), row,
         )  # fmt: skip
 
     def _reap_saves(self, *, block: bool, timeout: float | None = None) -> None:

@@ -9,6 +9,8 @@ the fingerprint, hence of every chained hash).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass, field
 
 
@@ -55,6 +57,17 @@ class _Request:
     saved_blocks: int  # leading prompt blocks stored, or queued for saving, in the fabric
     block_ids: list[int] = field(default_factory=list)
     load: LoadSpec | None = None
+    prefix_keys: list[bytes] = field(default_factory=list)  # prefix_keys[i] names prompt[: (i + 1) * block_size]
+
+    def prefix_key(self, block: int, block_size: int) -> bytes:
+        """A digest of the prompt up to the end of ``block``, chained block by block: two requests' blocks hold
+        the same KV exactly when their keys match (within one spec). Only compared within this process."""
+        while len(self.prefix_keys) <= block:
+            i = len(self.prefix_keys)
+            h = hashlib.blake2b(self.prefix_keys[-1] if self.prefix_keys else b"", digest_size=16)
+            h.update(array("q", self.prompt[i * block_size : (i + 1) * block_size]).tobytes())
+            self.prefix_keys.append(h.digest())
+        return self.prefix_keys[block]
 
 
 class StepPlanner:
@@ -70,6 +83,7 @@ class StepPlanner:
         self._requests: dict[str, _Request] = {}
         self._loads: list[LoadSpec] = []
         self._saves: list[SaveSpec] = []
+        self._step_saved: set[bytes] = set()  # prefix keys of the blocks this step already saves
 
     def usable_blocks(self, prompt_len: int) -> int:
         """Prompt blocks a load may cover: the last prompt token always runs through the model to give logits."""
@@ -109,8 +123,14 @@ class StepPlanner:
         done = min(done, len(req.block_ids))
         if done > req.saved_blocks:
             first = req.saved_blocks
-            tokens = req.prompt[: done * self.block_size]
-            self._saves.append(SaveSpec(req_id, tokens, first, tuple(req.block_ids[first:done])))
+            # Blocks another request of this step already saves (a shared prefix) are saved once. They lead the
+            # run: a block's key covers every token before it, so a shared block's predecessors are shared too.
+            while first < done and req.prefix_key(first, self.block_size) in self._step_saved:
+                first += 1
+            if first < done:
+                tokens = req.prompt[: done * self.block_size]
+                self._saves.append(SaveSpec(req_id, tokens, first, tuple(req.block_ids[first:done])))
+                self._step_saved.update(req.prefix_key(i, self.block_size) for i in range(first, done))
             req.saved_blocks = done
 
     def on_invalid_blocks(self, block_ids: set[int]) -> None:
@@ -127,6 +147,7 @@ class StepPlanner:
     def take_plan(self) -> StepPlan:
         plan = StepPlan(tuple(self._loads), tuple(self._saves))
         self._loads, self._saves = [], []
+        self._step_saved = set()
         return plan
 
     def __len__(self) -> int:
