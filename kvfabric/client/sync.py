@@ -224,7 +224,7 @@ class Client:
         dests = [writable(o) for o in out]
         fp = self.session.fingerprint(spec)
         found: list[bool] = []
-        for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits):
+        for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits, chunks):
             h = [hashes[i] for i in run]
             d = [dests[i] for i in run]
             if self._leased is not None and chunks == 1:
