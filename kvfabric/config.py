@@ -191,6 +191,9 @@ class ServerSettings(_Section):
     max_connections: int = Field(4096, gt=0)
     """Data-plane connections in all (also kept below the descriptor limit, less a reserve for the store)."""
     max_connections_per_peer: int = Field(512, gt=0)
+    fd_reserve: int = Field(256, ge=0)
+    """File descriptors kept for the store (segments, RocksDB, registries): connections stop below the limit less
+    this many."""
     handshake_timeout_s: float = Field(10.0, ge=0)
     """A data-plane connection must authenticate (HELLO) within this; 0: no limit."""
     frame_timeout_s: float = Field(60.0, ge=0)

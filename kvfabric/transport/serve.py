@@ -112,6 +112,7 @@ def _server_config(args: argparse.Namespace, store: Any, settings: Settings) -> 
         host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
         tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
         max_connections=srv.max_connections, max_connections_per_peer=srv.max_connections_per_peer,
+        fd_reserve=srv.fd_reserve,
         handshake_timeout_s=srv.handshake_timeout_s, frame_timeout_s=srv.frame_timeout_s,
         idle_timeout_s=srv.idle_timeout_s, max_inflight_bytes=srv.max_inflight_bytes,
         max_models_per_tenant=srv.max_models_per_tenant,

@@ -63,6 +63,7 @@ max_batch = 100
 max_frame_bytes = "8MiB"
 handshake_timeout_s = 1.5
 max_connections_per_peer = 7
+fd_reserve = 100
 max_inflight_bytes = "64MiB"
 max_models_per_tenant = 5
 [server.auth]
@@ -84,7 +85,7 @@ namespaces = ["tenant-a", "tenant-b"]
         store.close()
     assert config.limits.max_batch == 100 and config.limits.max_payload_bytes == 8 << 20
     assert config.limits.max_block_bytes == 8 << 20  # no block larger than a frame
-    assert config.handshake_timeout_s == 1.5 and config.max_connections_per_peer == 7
+    assert config.handshake_timeout_s == 1.5 and config.max_connections_per_peer == 7 and config.fd_reserve == 100
     assert config.max_inflight_bytes == 64 << 20 and config.max_models_per_tenant == 5
     assert config.tokens["reader-token-0123456789"] == TokenGrant("tenant-a", "read")
     assert config.tokens["writer-token-0123456789"] == TokenGrant("tenant-a", "write",
