@@ -442,9 +442,9 @@ class _Connection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.counters.connections += 1
         refusal = self.server.admit(self)
-        if refusal is not None:
+        if refusal is not None:  # the ERROR, then the descriptor back at once: no lingering while overloaded
             self.counters.refused_connections += 1
-            self._fatal("busy", refusal)
+            self._fatal("busy", refusal, linger=False)
             return
         self.counters.connections_open += 1
 
@@ -936,10 +936,14 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send(fr.encode_count(frame.request_id, await asyncio.to_thread(apply)))
 
     def _lease(self, frame: fr.LeaseRequest) -> None:
-        """Leases for a shm / NIXL client: RAM hits inline; misses promoted (or found below) in a thread."""
+        """Leases for a shm / NIXL client: RAM hits of a small request inline; misses promoted (or found below),
+        and every key of a large request, in a thread."""
         started = time.perf_counter()
         keys = self._key_list(frame.model, frame.hashes)
         room = self.server.config.max_leases_per_connection - len(self._client_leases)
+        if len(keys) > INLINE_KEYS:
+            self._spawn(frame.request_id, self._lease_below(frame, keys, [None] * len(keys), room, started))
+            return
         leases = self._acquire_in_ram(frame.request_id, keys, max(0, room))
         if leases is None:
             return
@@ -955,12 +959,13 @@ class _Connection(asyncio.BufferedProtocol):
         missing = [i for i, lease in enumerate(leases) if lease is None]
         room -= len(leases) - len(missing)
         store = self.store
-        promote = self.server.arena is not None and self.server.has_lower_tiers
+        in_arena = self.server.arena is not None
+        promote = in_arena and self.server.has_lower_tiers
 
         def fetch() -> list[StoreLease | BlockMeta | None]:
             out: list[StoreLease | BlockMeta | None] = []
             for n, i in enumerate(missing):
-                lease = store.acquire(keys[i]) if promote and n < room else None
+                lease = store.acquire(keys[i], promote=promote) if in_arena and n < room else None
                 if lease is None:
                     head = store.head(keys[i])
                     out.append(head[0] if head is not None else None)
@@ -1028,14 +1033,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.counters.errors += 1
         self._send(fr.encode_error(request_id, _error_code(exc), str(exc)))
 
-    def _fatal(self, code: str, message: str) -> None:
+    def _fatal(self, code: str, message: str, linger: bool = True) -> None:
         log.info("closing connection from %s: %s: %s", self.peer, code, message)
         self._send(fr.encode_error(0, code, message))
         self.closed = True
         transport = self.transport
         if transport is None:
             return
-        if transport.can_write_eof():
+        if linger and transport.can_write_eof():
             # Half-close: the ERROR frame goes out, then FIN; what the peer still sends is read and dropped, so
             # closing with unread bytes does not reset the connection and lose the ERROR frame on the way.
             transport.write_eof()

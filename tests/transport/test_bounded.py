@@ -78,6 +78,10 @@ def test_large_gets_run_off_the_event_loop_and_return_the_right_bytes(store: Tie
         got = c.get_blocks(SPEC, hashes, chunks=8)
         assert all(np.array_equal(g, data[i % 8]) for i, g in enumerate(got))
         assert c.get_blocks(SPEC, hashes[:1] * 2000)[1999] is not None  # many keys, one chunk
+        with Client(srv.url, shm=True) as leased:  # LEASE of many keys: acquired in a thread too
+            assert leased.transport == "shm"
+            got = leased.get_blocks(SPEC, hashes)
+            assert all(np.array_equal(g, data[i % 8]) for i, g in enumerate(got))
         time.sleep(0.2)
         assert srv.sync(lambda: held_bytes(ram)) == 0  # every lease of those replies was released
 
