@@ -5,18 +5,22 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_serve(config: Path, home: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process."""
+def start_serve(
+    config: Path, home: Path, preexec_fn: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen[str], str, str]:
+    """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process.
+    ``preexec_fn`` runs in the child before it starts (to lower a resource limit, say)."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--admin-port", "0",
          "--no-nixl", "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
     assert proc.stdout is not None
     admin = data = None
