@@ -65,11 +65,16 @@ class Client:
             raise ClientError(f"no free connection to {self.endpoint} within {self.options.timeout}s")
         conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = SyncConnection(self.endpoint, self.options)
-                self._adopt(conn)
+            while conn is None:
+                try:
+                    conn = self._idle.get_nowait()
+                except queue.Empty:
+                    conn = SyncConnection(self.endpoint, self.options)
+                    self._adopt(conn)
+                    break
+                if conn.stale():  # closed by the server while idle: a request on it would fail, a PUT unretried
+                    conn.close()
+                    conn = None
             yield conn
         finally:
             if conn is not None:

@@ -244,3 +244,14 @@ def test_model_registration_is_validated_and_bounded_per_tenant(store: TieredSto
             assert exc.value.code == "limit"
             b.register_model(dataclasses.replace(SPEC, model="m3"))  # the other tenant has its own allowance
         assert not any(s.model == "not" for s in store.models())
+
+
+def test_a_client_reconnects_when_the_server_closed_its_idle_connection(store: TieredStore) -> None:
+    with (
+        thread_server(store, nixl=False, idle_timeout_s=0.3) as srv,
+        Client(srv.url, shm=False, pool_size=1, retries=0) as c,
+    ):
+        assert c.put(SPEC, WORDS[: SPEC.block_size], kv(1)) == 1
+        time.sleep(1.0)  # the server drops the pooled connection
+        assert srv.sync(lambda: len(srv.server._connections)) == 0
+        assert c.put(SPEC, WORDS[SPEC.block_size : 2 * SPEC.block_size], kv(1)) == 1  # no failed first attempt
