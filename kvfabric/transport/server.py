@@ -392,7 +392,6 @@ def _descriptor_room(reserve: int) -> int:
     return max(1, soft - open_now - reserve)
 
 
-_READ_SCOPE: Final = "read"
 _WRITE_OPS: Final = frozenset({"delete", "pin", "unpin"})
 
 
@@ -496,6 +495,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._paused_for.discard(why)
         if not self._paused_for and self.transport is not None and not self.closed:
+            self.last_received = time.monotonic()  # the frame deadline counts from here, not from the pause
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -531,7 +531,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.counters.timeouts += 1
                 self._fatal("timeout", f"no successful HELLO within {cfg.handshake_timeout_s:g} s of connecting")
             return
-        receiving = not self.receiver.idle and not self.receiver.deferred and "write" not in self._paused_for
+        receiving = not self.receiver.idle and not self._paused_for  # a stall of our own making does not count
         if receiving and cfg.frame_timeout_s and now - self.last_received > cfg.frame_timeout_s:
             self.counters.timeouts += 1
             self._fatal("timeout", f"a frame was started but no byte of it arrived for {cfg.frame_timeout_s:g} s")
