@@ -189,11 +189,34 @@ class ServerSettings(_Section):
     secret_file: Path | None = None
     """A file holding the keying secret (e.g. a mounted Kubernetes Secret); wins over ``server_secret``."""
     max_frame_bytes: PositiveSize = 256 << 20
+    """Largest payload of one data-plane frame (a PUT or a GET reply); clients split larger batches."""
     max_batch: int = Field(1024, gt=0)
+    """Most blocks (hashes) in one data-plane request."""
+    max_connections: int = Field(4096, gt=0)
+    """Data-plane connections in all (also kept below the descriptor limit, less a reserve for the store)."""
+    max_connections_per_peer: int = Field(512, gt=0)
+    fd_reserve: int = Field(256, ge=0)
+    """File descriptors kept for the store (segments, RocksDB, registries): connections stop below the limit less
+    this many."""
+    handshake_timeout_s: float = Field(10.0, ge=0)
+    """A data-plane connection must authenticate (HELLO) within this; 0: no limit."""
+    frame_timeout_s: float = Field(60.0, ge=0)
+    """A started frame whose bytes stop arriving for this long closes its connection; 0: no limit."""
+    idle_timeout_s: float = Field(900.0, ge=0)
+    """A connection with nothing in progress for this long is closed; 0: never."""
+    max_inflight_bytes: PositiveSize = 2 << 30
+    """PUT payload bytes being received at once, node-wide; past it a PUT waits. At least ``max_frame_bytes``."""
+    max_models_per_tenant: int = Field(64, gt=0)
     stats_interval_s: float = Field(5.0, gt=0)
     """How often the admin app samples stats into its history (the dashboard's over-time charts)."""
     stats_history: int = Field(720, gt=1)
     """Samples kept in the history ring buffer (720 x 5 s = 1 hour)."""
+
+    @model_validator(mode="after")
+    def _inflight_fits_a_frame(self) -> ServerSettings:
+        if self.max_inflight_bytes < self.max_frame_bytes:
+            raise ValueError("max_inflight_bytes must be at least max_frame_bytes, or no PUT of that size could start")
+        return self
 
     @model_validator(mode="after")
     def _secret_with_auth(self) -> ServerSettings:

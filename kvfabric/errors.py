@@ -71,6 +71,10 @@ class QuotaExceededError(InvalidBlockError):
         self.evictable = evictable
 
 
+class LimitExceededError(KVFabricError):
+    """A request over a configured count limit (models per tenant, models in a store); nothing was changed."""
+
+
 class RecordError(KVFabricError):
     """A block record (on disk, in an object, on the wire) cannot be trusted; it must never be served."""
 
@@ -110,12 +114,14 @@ class ProtocolError(KVFabricError):
 
 
 class FrameTooLargeError(ProtocolError):
-    """A frame exceeds the negotiated size limit."""
+    """A frame exceeds the negotiated size limit; ``what`` names the limited quantity."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, *, what: str = "frame") -> None:
+        detail = f"frame of {size} bytes" if what == "frame" else f"{what} {size}"
+        super().__init__(f"{detail} exceeds the limit of {limit}" + (" bytes" if what == "frame" else ""))
         self.size = size
         self.limit = limit
+        self.what = what
 
 
 class EventFormatError(ProtocolError, ValueError):
@@ -124,6 +130,10 @@ class EventFormatError(ProtocolError, ValueError):
 
 class AuthError(KVFabricError):
     """Missing or invalid credentials, or a token without the scope an operation needs."""
+
+
+class ScopeError(AuthError):
+    """A valid token without the scope (or namespace) an operation needs."""
 
 
 class ClientError(KVFabricError):

@@ -58,6 +58,13 @@ _ALIASES = {
     "int8": DType.INT8, "uint8": DType.UINT8,
 }  # fmt: skip
 
+MAX_SPEC_STRING_BYTES = 256
+"""Longest model name, revision, layout or quantisation name accepted from a client (UTF-8 bytes)."""
+MAX_SPEC_INT = 1 << 24
+"""Largest layer count, head count, head dim, block size or TP size accepted from a client."""
+_SPEC_STRINGS = ("model", "revision", "layout", "kv_quant", "dtype")
+_SPEC_INTS = ("num_layers", "kv_heads", "head_dim", "block_size", "tp_size", "tp_rank")
+
 LAYOUTS = ("layers_kv_tokens_heads_dim", "layers_tokens_latent")
 """Known block layouts (the canonical forms every engine adapter converts to and from). The default,
 ``[layers, 2, block_size, kv_heads, head_dim]``, is the design card's; ``layers_tokens_latent`` is
@@ -131,6 +138,24 @@ class ModelSpec:
         fields = asdict(self)
         fields["dtype"] = self.dtype.name.lower()
         return fields
+
+    @classmethod
+    def from_wire(cls, data: object) -> ModelSpec:
+        """:meth:`from_dict` for a spec from a client: a map of known fields with exact types (strings for names and
+        the dtype, integers for sizes) and bounded values, so nothing odd is fingerprinted and kept."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model spec must be a map, got {type(data).__name__}")
+        for name in _SPEC_STRINGS:
+            value = data.get(name)
+            if name in data and not isinstance(value, str):
+                raise ValueError(f"ModelSpec.{name} must be a string, got {type(value).__name__}")
+            if isinstance(value, str) and len(value.encode()) > MAX_SPEC_STRING_BYTES:
+                raise ValueError(f"ModelSpec.{name} is longer than {MAX_SPEC_STRING_BYTES} bytes")
+        for name in _SPEC_INTS:
+            value = data.get(name)
+            if name in data and (type(value) is not int or not 0 <= value <= MAX_SPEC_INT):  # bool is no size
+                raise ValueError(f"ModelSpec.{name} must be an integer in [0, {MAX_SPEC_INT}], got {value!r}")
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelSpec:

@@ -5,21 +5,27 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_serve(
-    config: Path, home: Path, *extra: str, env: dict[str, str] | None = None
+    config: Path,
+    home: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[str], str, str]:
     """``(process, data-plane URL, admin URL)`` once the node listens; the caller stops the process. ``extra``: more
-    ``kvfabric serve`` flags; ``env``: more environment variables (KVFABRIC_* settings) for the node."""
+    ``kvfabric serve`` flags; ``env``: more environment variables (KVFABRIC_* settings) for the node; ``preexec_fn``
+    runs in the child before it starts (to lower a resource limit, say)."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(home), **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--admin-port", "0",
          "--no-nixl", "--log-level", "WARNING", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
     assert proc.stdout is not None
     admin = data = None

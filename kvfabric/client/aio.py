@@ -331,7 +331,7 @@ class AsyncClient:
                 return await self._call("get", lambda conn: self._get_leased(conn, fp, h, d))
             return await self._call("get", lambda conn: self._get_tcp(conn, fp, h, d, chunks, on_chunk))
 
-        runs = batches(len(hashes), [spec.block_nbytes] * len(hashes), session.limits)
+        runs = batches(len(hashes), [spec.block_nbytes] * len(hashes), session.limits, chunks)
         try:
             metas = [m for ms in await asyncio.gather(*(one(r) for r in runs)) for m in ms]
         finally:

@@ -97,17 +97,19 @@ def expect(reply: fr.Frame, kind: type[F], what: str) -> F:
     if isinstance(reply, kind):
         return reply
     if isinstance(reply, fr.Error):
-        if reply.code == "auth":
+        if reply.code in ("auth", "forbidden"):
             raise AuthError(f"{what} refused: {reply.message}")
         raise RemoteError(reply.code, f"{what} failed: {reply.message}")
     raise ProtocolError(f"{what}: server answered with a {reply.op} frame")
 
 
-def batches(n: int, per_item: Sequence[int], limits: fr.ServerLimits) -> list[range]:
-    """Split ``n`` items into runs within the server's batch and payload limits."""
+def batches(n: int, per_item: Sequence[int], limits: fr.ServerLimits, chunks: int = 1) -> list[range]:
+    """Split ``n`` items into runs within the server's batch and payload limits (and, for a GET cut into
+    ``chunks``, its limit of hashes x chunks)."""
     out, start, size = [], 0, 0
+    most = max(1, min(limits.max_batch, limits.max_reply_views // max(1, chunks)))
     for i in range(n):
-        if i > start and (i - start >= limits.max_batch or size + per_item[i] > limits.max_payload_bytes):
+        if i > start and (i - start >= most or size + per_item[i] > limits.max_payload_bytes):
             out.append(range(start, i))
             start, size = i, 0
         size += per_item[i]

@@ -66,11 +66,16 @@ class Client:
             raise ClientError(f"no free connection to {self.endpoint} within {self.options.timeout}s")
         conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = SyncConnection(self.endpoint, self.options)
-                self._adopt(conn)
+            while conn is None:
+                try:
+                    conn = self._idle.get_nowait()
+                except queue.Empty:
+                    conn = SyncConnection(self.endpoint, self.options)
+                    self._adopt(conn)
+                    break
+                if conn.stale():  # closed by the server while idle: a request on it would fail, a PUT unretried
+                    conn.close()
+                    conn = None
             yield conn
         finally:
             if conn is not None:
@@ -226,7 +231,7 @@ class Client:
         fp = self.session.fingerprint(spec)
         found: list[bool] = []
         try:
-            for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits):
+            for run in batches(len(hashes), [spec.block_nbytes] * len(hashes), self.session.limits, chunks):
                 h = [hashes[i] for i in run]
                 d = [dests[i] for i in run]
                 if self._leased is not None and chunks == 1:

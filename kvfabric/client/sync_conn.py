@@ -9,6 +9,7 @@ the rest of the payload is received straight into its destination in as few call
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -173,6 +174,19 @@ class SyncConnection:
         if isinstance(frame, fr.Error) and frame.request_id == 0:
             self.broken = True  # the server closes the connection after a connection-level error
         return frame
+
+    def stale(self) -> bool:
+        """Whether the server has closed this idle connection (its idle timeout) or sent something unasked (a
+        deadline's ERROR): an idle connection has nothing to read, so anything readable means it is done."""
+        if self.broken or self._start != self._end:
+            return True
+        if self._tls and self.sock.pending():  # type: ignore[attr-defined]
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def _discard(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 20)))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvfabric.errors import ConfigError
+from kvfabric.errors import ConfigError, LimitExceededError
 from kvfabric.ids import BlockKey, ModelFingerprint
 from kvfabric.spec import ModelSpec
 
@@ -56,15 +56,24 @@ def _read_json(path: Path, kind: str) -> dict[str, Any] | None:
     return data
 
 
+MAX_MODELS = 4096
+"""Models one store accepts in all: with bounded specs (``ModelSpec.from_wire``) ``models.json`` stays a few MB."""
+
+
 class ModelRegistry:
-    """Model specs by fingerprint, persisted to ``models.json``."""
+    """Model specs by fingerprint, persisted to ``models.json``, with the owners (tenants) that registered each.
+
+    A spec counts against each owner that registered it (``register(..., owner=, max_per_owner=)``), so one tenant
+    cannot fill the registry; specs from before owners were kept, or registered by an operator, have none."""
 
     FILE = "models.json"
 
-    def __init__(self, data_dir: Path | None) -> None:
+    def __init__(self, data_dir: Path | None, max_models: int = MAX_MODELS) -> None:
         self._path = data_dir / self.FILE if data_dir is not None else None
         self._lock = threading.Lock()
+        self.max_models = max_models
         self._specs: dict[ModelFingerprint, ModelSpec] = {}
+        self._owners: dict[ModelFingerprint, frozenset[str]] = {}
         if self._path is not None:
             data = _read_json(self._path, "model registry")
             for entry in data["models"] if data else ():
@@ -73,19 +82,48 @@ class ModelRegistry:
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"model registry {self._path} holds an invalid spec {entry!r}: {exc}") from exc
                 self._specs[spec.fingerprint()] = spec
+            owners = data.get("owners", {}) if data else {}
+            if not isinstance(owners, dict):
+                raise ConfigError(f"model registry {self._path}: 'owners' must be a map")
+            for fp_hex, names in owners.items():
+                fp = ModelFingerprint(bytes.fromhex(fp_hex))
+                if fp in self._specs and isinstance(names, list):
+                    self._owners[fp] = frozenset(str(n) for n in names)
 
-    def register(self, spec: ModelSpec) -> ModelFingerprint:
+    def register(
+        self, spec: ModelSpec, *, owner: str | None = None, max_per_owner: int | None = None
+    ) -> ModelFingerprint:
+        """Accept ``spec``; raises LimitExceededError when ``owner`` already holds ``max_per_owner`` other models or
+        the registry is full. Writes ``models.json`` only when something changed."""
         fingerprint = spec.fingerprint()
         with self._lock:
-            if fingerprint in self._specs:
+            owners = self._owners.get(fingerprint, frozenset())
+            known = fingerprint in self._specs
+            if known and (owner is None or owner in owners):
                 return fingerprint
+            if owner is not None and max_per_owner is not None:
+                held = sum(owner in names for names in self._owners.values())
+                if held >= max_per_owner:
+                    raise LimitExceededError(
+                        f"tenant {owner!r} has registered {held} models, its limit (max_models_per_tenant)"
+                    )
+            if not known and len(self._specs) >= self.max_models:
+                raise LimitExceededError(f"the model registry holds its limit of {self.max_models} models")
             specs = {**self._specs, fingerprint: spec}
+            all_owners = dict(self._owners)
+            if owner is not None:
+                all_owners[fingerprint] = owners | {owner}
             if self._path is not None:
-                write_json_atomic(
-                    self._path, {"version": FILE_VERSION, "models": [s.to_dict() for s in specs.values()]}
-                )
-            self._specs = specs  # replaced whole, so readers never lock
+                write_json_atomic(self._path, {
+                    "version": FILE_VERSION, "models": [s.to_dict() for s in specs.values()],
+                    "owners": {fp.hex(): sorted(names) for fp, names in all_owners.items()},
+                })  # fmt: skip
+            self._specs, self._owners = specs, all_owners  # replaced whole, so readers never lock
         return fingerprint
+
+    def owners(self, fingerprint: ModelFingerprint) -> frozenset[str]:
+        """The tenants that registered ``fingerprint`` (empty: none recorded)."""
+        return self._owners.get(fingerprint, frozenset())
 
     def get(self, fingerprint: ModelFingerprint) -> ModelSpec | None:
         return self._specs.get(fingerprint)

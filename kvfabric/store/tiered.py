@@ -172,12 +172,15 @@ class TieredStore:
             raise
 
     # --- models ----------------------------------------------------------------------------------------------------
-    def register_model(self, spec: ModelSpec) -> ModelFingerprint:
-        """Accept blocks of ``spec`` from now on (and after a restart, when the store has a data dir)."""
+    def register_model(
+        self, spec: ModelSpec, *, owner: str | None = None, max_per_owner: int | None = None
+    ) -> ModelFingerprint:
+        """Accept blocks of ``spec`` from now on (and after a restart, when the store has a data dir); ``owner``
+        (the registering tenant) may hold at most ``max_per_owner`` models."""
         self._check_open()
         if spec.block_nbytes > self.config.max_block_bytes:
             raise BlockTooLargeError(spec.block_nbytes, self.config.max_block_bytes)
-        return self._models.register(spec)
+        return self._models.register(spec, owner=owner, max_per_owner=max_per_owner)
 
     def model(self, fingerprint: ModelFingerprint) -> ModelSpec | None:
         return self._models.get(fingerprint)

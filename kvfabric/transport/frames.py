@@ -36,11 +36,33 @@ MAX_BLOCK_BYTES: Final = 64 << 20
 """Default limit of one block's payload; servers announce their store's limit at hello."""
 MAX_PAYLOAD_BYTES: Final = 1 << 30
 """Default limit of the payload bytes following one frame."""
+MAX_REPLY_VIEWS: Final = 1 << 16
+"""Default limit of hashes x chunks in one GET: the number of payload views its reply is cut into."""
 MAX_NDIM: Final = 6
 
 
 class ParseError(ProtocolError):
     """Bytes that are not a valid frame: bad magic/version/op, malformed body, inconsistent lengths."""
+
+
+class OpNotAllowedError(ParseError):
+    """A valid op code the receiver does not accept in its current state (``Limits.ops``)."""
+
+    def __init__(self, op: int) -> None:
+        super().__init__(f"op 0x{op:02x} is not accepted here")
+        self.op = op
+
+
+class RequestLimitError(FrameTooLargeError):
+    """A well-formed frame whose body asks for more than the limits allow (too many blocks, hashes x chunks).
+
+    Raised by :func:`parse_body` after the whole body was read, so the stream is still in step: a receiver can
+    answer it with an ERROR frame for ``request_id``, skip ``payload_len`` bytes and go on."""
+
+    def __init__(self, what: str, size: int, limit: int, header: FrameHeader) -> None:
+        super().__init__(size, limit, what=what)
+        self.request_id = header.request_id
+        self.payload_len = header.payload_len
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +73,9 @@ class Limits:
     max_batch: int = MAX_BATCH
     max_block_bytes: int = MAX_BLOCK_BYTES
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_reply_views: int = MAX_REPLY_VIEWS
+    ops: frozenset[int] | None = None
+    """The op codes accepted (checked in the header, before the sizes); ``None``: every op."""
 
 
 # --- op codes (requests < 0x80 <= responses); never renumbered -------------------------------------------------------
@@ -139,6 +164,7 @@ class ServerLimits(NamedTuple):
     max_batch: int
     max_block_bytes: int
     max_payload_bytes: int
+    max_reply_views: int = MAX_REPLY_VIEWS  # absent from servers that predate it
 
 
 # --- frames: one NamedTuple per op -----------------------------------------------------------------------------------
@@ -344,7 +370,8 @@ def encode_nixl_connect(request_id: int, agent_metadata: bytes) -> bytes:
 def encode_hello_ok(
     request_id: int, tenant: str, salt: bytes, node_id: str, limits: Limits, shm: ShmOffer | None, nixl: bool
 ) -> bytes:
-    lim = [limits.max_body_bytes, limits.max_batch, limits.max_block_bytes, limits.max_payload_bytes]
+    lim = [limits.max_body_bytes, limits.max_batch, limits.max_block_bytes, limits.max_payload_bytes,
+           limits.max_reply_views]
     return _frame(
         OP_HELLO_OK, request_id,
         [PROTOCOL_VERSION, tenant, salt, node_id, lim, list(shm) if shm is not None else None, nixl],
@@ -409,10 +436,12 @@ def parse_header(data: bytes | bytearray | memoryview, limits: Limits = Limits()
         raise ParseError(f"unsupported protocol version {version}, this peer speaks {PROTOCOL_VERSION}")
     if op not in _BODY_PARSERS:
         raise ParseError(f"unknown op code 0x{op:02x}")
+    if limits.ops is not None and op not in limits.ops:
+        raise OpNotAllowedError(op)
     if body_len > limits.max_body_bytes:
-        raise FrameTooLargeError(body_len, limits.max_body_bytes)
+        raise FrameTooLargeError(body_len, limits.max_body_bytes, what="frame body bytes")
     if payload_len > limits.max_payload_bytes:
-        raise FrameTooLargeError(payload_len, limits.max_payload_bytes)
+        raise FrameTooLargeError(payload_len, limits.max_payload_bytes, what="frame payload bytes")
     if payload_len and op not in (OP_PUT, OP_BLOCKS):
         raise ParseError(f"op 0x{op:02x} carries no payload, header says {payload_len} bytes")
     return FrameHeader(op, body_len, request_id, payload_len)
@@ -479,19 +508,19 @@ def _bin(v: Any, name: str, n: int | None = None) -> bytes:
     return v
 
 
-def _list(v: Any, name: str, limits: Limits) -> list[Any]:
+def _list(v: Any, name: str, limits: Limits, header: FrameHeader) -> list[Any]:
     if not isinstance(v, list):
         raise ParseError(f"{name} must be an array")
     if len(v) > limits.max_batch:
-        raise FrameTooLargeError(len(v), limits.max_batch)
+        raise RequestLimitError(f"{name} count (max_batch)", len(v), limits.max_batch, header)
     return v
 
 
-def _hashes(v: Any, limits: Limits) -> tuple[PrefixHash, ...]:
-    return tuple(PrefixHash(_bin(h, "prefix hash", HASH_BYTES)) for h in _list(v, "hashes", limits))
+def _hashes(v: Any, limits: Limits, header: FrameHeader) -> tuple[PrefixHash, ...]:
+    return tuple(PrefixHash(_bin(h, "prefix hash", HASH_BYTES)) for h in _list(v, "hashes", limits, header))
 
 
-def _parse_meta(v: Any, limits: Limits) -> WireMeta:
+def _parse_meta(v: Any, limits: Limits, header: FrameHeader) -> WireMeta:
     if not isinstance(v, list) or len(v) != 5:
         raise ParseError("block meta must be [parent, dtype, shape, token_count, created_ms]")
     parent, dtype, shape, tokens, created = v
@@ -507,7 +536,7 @@ def _parse_meta(v: Any, limits: Limits) -> WireMeta:
         _int(tokens, "token_count", 0, 0xFFFFFFFF), _int(created, "created_ms"),
     )  # fmt: skip
     if meta.nbytes > limits.max_block_bytes:
-        raise FrameTooLargeError(meta.nbytes, limits.max_block_bytes)
+        raise RequestLimitError("block bytes (max_block_bytes)", meta.nbytes, limits.max_block_bytes, header)
     return meta
 
 
@@ -524,7 +553,7 @@ def _p_hello(h: FrameHeader, f: list[Any], lim: Limits) -> Hello:
         raise ParseError(f"client speaks protocol {version}, server {PROTOCOL_VERSION}")
     if not isinstance(f[2], dict):
         raise ParseError("hello client info must be a map")
-    features = tuple(_str(x, "feature") for x in _list(f[3], "features", lim))
+    features = tuple(_str(x, "feature") for x in _list(f[3], "features", lim, h))
     return Hello(h.request_id, _str(f[1], "token", optional=True), f[2], features, version)
 
 
@@ -538,23 +567,26 @@ def _p_register(h: FrameHeader, f: list[Any], lim: Limits) -> RegisterModel:
 def _p_keys(h: FrameHeader, f: list[Any], lim: Limits) -> KeyRequest:
     _arity(f, 2, "key request")
     model = ModelFingerprint(_bin(f[0], "model fingerprint", HASH_BYTES))
-    return KeyRequest(h.request_id, _KEY_OPS[h.op], model, _hashes(f[1], lim))
+    return KeyRequest(h.request_id, _KEY_OPS[h.op], model, _hashes(f[1], lim, h))
 
 
 def _p_get(h: FrameHeader, f: list[Any], lim: Limits) -> Get:
     _arity(f, 3, "get")
     model = ModelFingerprint(_bin(f[0], "model fingerprint", HASH_BYTES))
-    return Get(h.request_id, model, _hashes(f[1], lim), _int(f[2], "chunks", 1, 1 << 16))
+    hashes, chunks = _hashes(f[1], lim, h), _int(f[2], "chunks", 1, 1 << 16)
+    if len(hashes) * chunks > lim.max_reply_views:  # each (block, chunk) is one view the server cuts and sends
+        raise RequestLimitError("hashes x chunks (max_reply_views)", len(hashes) * chunks, lim.max_reply_views, h)
+    return Get(h.request_id, model, hashes, chunks)
 
 
 def _p_put(h: FrameHeader, f: list[Any], lim: Limits) -> Put:
     _arity(f, 2, "put")
     model = ModelFingerprint(_bin(f[0], "model fingerprint", HASH_BYTES))
     items = []
-    for it in _list(f[1], "put items", lim):
+    for it in _list(f[1], "put items", lim, h):
         if not isinstance(it, list) or len(it) != 6:
             raise ParseError("put item must be [prefix, parent, dtype, shape, token_count, created_ms]")
-        items.append(PutItem(PrefixHash(_bin(it[0], "prefix hash", HASH_BYTES)), _parse_meta(it[1:], lim)))
+        items.append(PutItem(PrefixHash(_bin(it[0], "prefix hash", HASH_BYTES)), _parse_meta(it[1:], lim, h)))
     _check_payload(h, [it.meta for it in items])
     return Put(h.request_id, model, tuple(items), h.payload_len)
 
@@ -567,12 +599,12 @@ def _p_stats(h: FrameHeader, f: list[Any], lim: Limits) -> Stats:
 def _p_lease(h: FrameHeader, f: list[Any], lim: Limits) -> LeaseRequest:
     _arity(f, 2, "lease")
     model = ModelFingerprint(_bin(f[0], "model fingerprint", HASH_BYTES))
-    return LeaseRequest(h.request_id, model, _hashes(f[1], lim))
+    return LeaseRequest(h.request_id, model, _hashes(f[1], lim, h))
 
 
 def _p_release(h: FrameHeader, f: list[Any], lim: Limits) -> Release:
     _arity(f, 1, "release")
-    return Release(h.request_id, tuple(_int(x, "lease id", 1) for x in _list(f[0], "lease ids", lim)))
+    return Release(h.request_id, tuple(_int(x, "lease id", 1) for x in _list(f[0], "lease ids", lim, h)))
 
 
 def _p_nixl_connect(h: FrameHeader, f: list[Any], lim: Limits) -> NixlConnect:
@@ -583,8 +615,8 @@ def _p_nixl_connect(h: FrameHeader, f: list[Any], lim: Limits) -> NixlConnect:
 def _p_hello_ok(h: FrameHeader, f: list[Any], lim: Limits) -> HelloOk:
     _arity(f, 7, "hello_ok")
     version, tenant, salt, node, limits, shm, nixl = f
-    if not isinstance(limits, list) or len(limits) != 4:
-        raise ParseError("limits must be [max_body, max_batch, max_block, max_payload]")
+    if not isinstance(limits, list) or len(limits) not in (4, 5):
+        raise ParseError("limits must be [max_body, max_batch, max_block, max_payload(, max_reply_views)]")
     server_limits = ServerLimits(*(_int(x, "limit") for x in limits))
     offer = None
     if shm is not None:
@@ -604,12 +636,12 @@ def _p_model_ok(h: FrameHeader, f: list[Any], lim: Limits) -> ModelOk:
 
 def _p_lookup_ok(h: FrameHeader, f: list[Any], lim: Limits) -> LookupOk:
     _arity(f, 1, "lookup_ok")
-    return LookupOk(h.request_id, tuple(TierId(_str(t, "tier")) for t in _list(f[0], "tiers", lim)))
+    return LookupOk(h.request_id, tuple(TierId(_str(t, "tier")) for t in _list(f[0], "tiers", lim, h)))
 
 
 def _p_blocks(h: FrameHeader, f: list[Any], lim: Limits) -> Blocks:
     _arity(f, 2, "blocks")
-    metas = tuple(None if m is None else _parse_meta(m, lim) for m in _list(f[0], "block metas", lim))
+    metas = tuple(None if m is None else _parse_meta(m, lim, h) for m in _list(f[0], "block metas", lim, h))
     chunks = _int(f[1], "chunks", 1, 1 << 16)
     if any(m is not None and m.nbytes % chunks for m in metas):
         raise ParseError(f"block sizes are not divisible into {chunks} chunks")
@@ -624,7 +656,7 @@ def _p_count(h: FrameHeader, f: list[Any], lim: Limits) -> Count:
 
 def _p_flags(h: FrameHeader, f: list[Any], lim: Limits) -> Flags:
     _arity(f, 1, "flags")
-    flags = _list(f[0], "flags", lim)
+    flags = _list(f[0], "flags", lim, h)
     if not all(isinstance(x, bool) for x in flags):
         raise ParseError("flags must be booleans")
     return Flags(h.request_id, tuple(flags))
@@ -640,13 +672,13 @@ def _p_stats_ok(h: FrameHeader, f: list[Any], lim: Limits) -> StatsOk:
 def _p_leases(h: FrameHeader, f: list[Any], lim: Limits) -> Leases:
     _arity(f, 1, "leases")
     entries: list[LeaseEntry] = []
-    for e in _list(f[0], "lease entries", lim):
+    for e in _list(f[0], "lease entries", lim, h):
         if e is None:
             entries.append(None)
             continue
         if not isinstance(e, list) or len(e) != 3:
             raise ParseError("lease entry must be nil or [lease_id, offset, meta]")
-        lease_id, offset, meta = _int(e[0], "lease id"), _int(e[1], "offset"), _parse_meta(e[2], lim)
+        lease_id, offset, meta = _int(e[0], "lease id"), _int(e[1], "offset"), _parse_meta(e[2], lim, h)
         entries.append(Lease(lease_id, offset, meta) if lease_id else Elsewhere(meta))
     return Leases(h.request_id, tuple(entries))
 

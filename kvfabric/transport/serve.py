@@ -24,6 +24,7 @@ from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
 from kvfabric.errors import ConfigError, KVFabricError
 from kvfabric.events import EventSink
 from kvfabric.index.local_feed import LoopEventSink, announce_held
+from kvfabric.transport.auth import TokenGrant
 from kvfabric.transport.frames import Limits
 from kvfabric.transport.server import FabricServer, ServerConfig
 
@@ -106,9 +107,9 @@ def _verify_keying(place: MetaStore, keying: KeyingSecret) -> None:
 def _server_config(args: argparse.Namespace, store: Any, settings: Settings, keying: KeyingSecret) -> ServerConfig:
     srv = settings.server
     secret = keying.secret
-    tokens = _tokens(args.token)
+    tokens: dict[str, str | TokenGrant] = dict(_tokens(args.token))  # --token: every scope in its tenant
     if not tokens and srv.auth.enabled:
-        tokens = {t.token.get_secret_value(): t.tenant for t in srv.auth.tokens}
+        tokens = {t.token.get_secret_value(): TokenGrant.of(t.tenant, t.scopes, t.namespaces) for t in srv.auth.tokens}
     cert = args.tls_cert or (str(srv.tls.cert) if srv.tls.cert else None)
     key = args.tls_key or (str(srv.tls.key) if srv.tls.key else None)
     ssl_ctx = None
@@ -118,11 +119,17 @@ def _server_config(args: argparse.Namespace, store: Any, settings: Settings, key
         from kvfabric.transport.tls import server_context
 
         ssl_ctx = server_context(cert, key)
-    max_block = getattr(getattr(store, "config", None), "max_block_bytes", None)
-    limits = Limits(max_block_bytes=max_block) if max_block else Limits()
+    max_block = getattr(getattr(store, "config", None), "max_block_bytes", None) or Limits().max_block_bytes
+    limits = Limits(max_batch=srv.max_batch, max_payload_bytes=srv.max_frame_bytes,
+                    max_block_bytes=min(max_block, srv.max_frame_bytes))  # fmt: skip
     return ServerConfig(
         host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
         tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
+        max_connections=srv.max_connections, max_connections_per_peer=srv.max_connections_per_peer,
+        fd_reserve=srv.fd_reserve,
+        handshake_timeout_s=srv.handshake_timeout_s, frame_timeout_s=srv.frame_timeout_s,
+        idle_timeout_s=srv.idle_timeout_s, max_inflight_bytes=srv.max_inflight_bytes,
+        max_models_per_tenant=srv.max_models_per_tenant,
     )  # fmt: skip
 
 

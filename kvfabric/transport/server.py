@@ -9,20 +9,32 @@ write buffer holds only the response's copied tail (see ``TAIL_COPY_BYTES``).
 
 Error handling: a frame that cannot be parsed, is over a size limit in its header, or arrives before a successful
 HELLO gets an ERROR frame and the connection is closed (the byte stream cannot be trusted any more). A well-formed
-request that fails (unknown model, invalid block, batch too large, store error) gets an ERROR frame with its
-request id and the connection carries on.
+request that fails (unknown model, invalid block, over a request limit, missing scope, store error) gets an ERROR
+frame with its request id and the connection carries on.
+
+Bounded resources: before HELLO a connection may send one small frame (``PRE_AUTH_LIMITS``) into a 4 KiB buffer,
+within ``handshake_timeout_s``; connections are limited in total (and below the descriptor limit, keeping
+``fd_reserve`` for the store) and per peer address; a started frame that stops arriving is dropped after
+``frame_timeout_s``, an idle connection after ``idle_timeout_s``. PUT payload buffers count against a per-connection
+and a node-wide budget of bytes in flight: a PUT that does not fit waits (its connection stops reading) until
+earlier ones finish. Fairness: work proportional to a request's size (many keys, many reply views, large RAM puts)
+runs in a worker thread, each connection has at most ``threads_per_connection`` requests in threads at a time (so
+the shared pool serves connections in turn), and a connection with ``max_requests_per_connection`` requests in
+progress stops being read until some finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,7 +43,9 @@ from kvfabric.errors import (
     BlockTooLargeError,
     FrameTooLargeError,
     InvalidBlockError,
+    LimitExceededError,
     ProtocolError,
+    ScopeError,
     StoreError,
     TierFullError,
     UnknownModelError,
@@ -41,9 +55,10 @@ from kvfabric.record import Block, BlockMeta, now_ms
 from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
 from kvfabric.transport import shm
-from kvfabric.transport.auth import Authenticator, Tenant
+from kvfabric.transport.budget import ByteBudget
+from kvfabric.transport.auth import Authenticator, Scope, Tenant, TokenGrant
 from kvfabric.transport.nixl import NixlServerEndpoint, load_api, server_endpoint
-from kvfabric.transport.receiver import FrameReceiver
+from kvfabric.transport.receiver import DEFER, FrameReceiver
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -53,6 +68,20 @@ TAIL_COPY_BYTES = 64 << 10
 """The last bytes of a leased response are sent from a copy and the write high-water mark is this size, so
 whenever the transport holds no more than this many bytes, none of them are in the arena; above it, the transport
 calls resume_writing() once everything is sent (low-water mark 0)."""
+PRE_AUTH_LIMITS = fr.Limits(max_body_bytes=8 << 10, max_batch=16, max_block_bytes=0, max_payload_bytes=0,
+                            max_reply_views=0, ops=frozenset({fr.OP_HELLO}))  # fmt: skip
+"""What a connection may send before its HELLO succeeds: one HELLO (token, client info, a few features)."""
+PRE_AUTH_CONTROL_BYTES = 4 << 10
+CONTROL_BYTES = 64 << 10
+"""A connection's receive buffer for headers and bodies once authenticated (payloads bypass it)."""
+INLINE_KEYS = 256
+"""A GET naming more keys than this is served from a worker thread, not inside the event loop's callback."""
+INLINE_VIEWS = 1024
+"""Likewise for a GET whose reply is cut into more views (hashes x chunks) than this."""
+INLINE_PUT_BYTES = 4 << 20
+"""A RAM-only put larger than this copies into the arena in a worker thread."""
+FATAL_FLUSH_S = 5.0
+"""How long a connection closed for an error may take to read its ERROR frame before it is aborted."""
 
 
 class StoreLease(Protocol):
@@ -66,7 +95,10 @@ class FabricStore(Protocol):
 
     @property
     def arena_path(self) -> str | None: ...
-    def register_model(self, spec: ModelSpec) -> ModelFingerprint: ...
+    def register_model(
+        self, spec: ModelSpec, *, owner: str | None = None, max_per_owner: int | None = None
+    ) -> ModelFingerprint: ...
+    def model(self, fingerprint: ModelFingerprint) -> ModelSpec | None: ...
     def put_many(self, blocks: Sequence[Block]) -> None: ...
     def get(self, key: BlockKey) -> Block | None: ...
     def head(self, key: BlockKey) -> tuple[BlockMeta, TierId] | None: ...
@@ -95,12 +127,23 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9500
     server_secret: bytes = b""
-    tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> tenant; empty = auth off
+    tokens: dict[str, str | TokenGrant] = field(default_factory=dict)  # bearer token -> tenant; empty = auth off
     limits: fr.Limits = fr.Limits()
     ssl: ssl.SSLContext | None = None
     node_id: str = "local"
     nixl: bool = True  # register the arena with NIXL when the library is available
     max_leases_per_connection: int = MAX_LEASES_PER_CONNECTION
+    handshake_timeout_s: float = 10.0  # from accept to a successful HELLO; 0 = none
+    frame_timeout_s: float = 60.0  # a started frame whose bytes stop arriving for this long is dropped; 0 = none
+    idle_timeout_s: float = 900.0  # a connection with nothing in progress and no leases for this long; 0 = none
+    max_connections: int = 4096  # further capped by the descriptor limit less fd_reserve
+    max_connections_per_peer: int = 512  # per peer address
+    fd_reserve: int = 256  # descriptors kept for the store (segments, RocksDB, the arena)
+    max_inflight_bytes: int = 2 << 30  # PUT payload buffers held, node-wide
+    max_inflight_bytes_per_connection: int = 0  # 0: limits.max_payload_bytes (one largest PUT at a time)
+    max_requests_per_connection: int = 64  # requests in progress before the connection stops being read
+    threads_per_connection: int = 2  # requests of one connection in worker threads at a time
+    max_models_per_tenant: int = 64  # models one tenant may register
 
 
 @dataclass(slots=True)
@@ -111,6 +154,10 @@ class ServerCounters:
     errors: int = 0
     protocol_errors: int = 0
     auth_failures: int = 0
+    refused_connections: int = 0
+    timeouts: int = 0
+    inflight_bytes: int = 0
+    put_waits: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     leases_outstanding: int = 0
@@ -122,6 +169,8 @@ def _wire(meta: BlockMeta) -> fr.WireMeta:
 
 def _error_code(exc: BaseException) -> str:
     match exc:
+        case ScopeError():
+            return "forbidden"
         case AuthError():
             return "auth"
         case UnknownModelError():
@@ -132,6 +181,8 @@ def _error_code(exc: BaseException) -> str:
             return "invalid_block"
         case FrameTooLargeError():
             return "frame_too_large"
+        case LimitExceededError():
+            return "limit"
         case ProtocolError():
             return "protocol"
         case TierFullError():
@@ -147,7 +198,7 @@ class FabricServer:
 
     def __init__(self, store: FabricStore, config: ServerConfig, *, observer: LatencyObserver | None = None) -> None:
         if not config.server_secret:
-            raise ValueError("ServerConfig.server_secret must be set (see auth.load_or_create_secret)")
+            raise ValueError("ServerConfig.server_secret must be set (see kvfabric.keying.resolve_secret)")
         self.store = store
         self.config = config
         self.observer = observer
@@ -160,6 +211,16 @@ class FabricServer:
         self._nixl_lock = asyncio.Lock()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        self._per_peer: dict[str, int] = {}
+        self.inflight = ByteBudget(config.max_inflight_bytes)
+        self.inflight_per_connection = config.max_inflight_bytes_per_connection or config.limits.max_payload_bytes
+        if self.inflight_per_connection > config.max_inflight_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({config.max_inflight_bytes}) is below one connection's in-flight budget "
+                f"({self.inflight_per_connection}): no PUT of that size could ever start"
+            )
+        self.max_connections = config.max_connections
+        self._sweeper: asyncio.Task[None] | None = None
         self.port = config.port
 
     async def start(self) -> None:
@@ -171,11 +232,13 @@ class FabricServer:
                 self.nixl_offered = api is not None
                 if api is None:
                     log.info("NIXL transport unavailable (%s); clients will use TCP", why)
+        self.max_connections = min(self.config.max_connections, _descriptor_room(self.config.fd_reserve))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self), self.config.host, self.config.port, ssl=self.config.ssl, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep(), name="kvfabric-connection-deadlines")
         log.info(
             "kvfabric data plane on %s:%d (tls %s, auth %s, shm %s, nixl %s)", self.config.host, self.port,
             "on" if self.config.ssl else "off", "on" if self.auth.enabled else "off",
@@ -195,7 +258,44 @@ class FabricServer:
         assert self._server is not None, "start() first"
         await self._server.serve_forever()
 
+    async def _sweep(self) -> None:
+        """Enforce the handshake, frame and idle deadlines; one pass over the connections a tick."""
+        cfg = self.config
+        deadlines = [t for t in (cfg.handshake_timeout_s, cfg.frame_timeout_s, cfg.idle_timeout_s) if t > 0]
+        if not deadlines:
+            return
+        tick = min(1.0, max(0.02, min(deadlines) / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                conn.check_deadlines(now)
+
+    def admit(self, conn: _Connection) -> str | None:
+        """Count ``conn`` in; the reason it is refused (too many connections), or None."""
+        n_peer = self._per_peer.get(conn.peer_host, 0)
+        if len(self._connections) >= self.max_connections:
+            return f"the server holds its limit of {self.max_connections} connections; try again later"
+        if n_peer >= self.config.max_connections_per_peer:
+            return (f"{conn.peer_host} holds its limit of {self.config.max_connections_per_peer} connections; "
+                    "close some first")  # fmt: skip
+        self._connections.add(conn)
+        self._per_peer[conn.peer_host] = n_peer + 1
+        return None
+
+    def discharge(self, conn: _Connection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            left = self._per_peer.get(conn.peer_host, 1) - 1
+            if left > 0:
+                self._per_peer[conn.peer_host] = left
+            else:
+                self._per_peer.pop(conn.peer_host, None)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections):
@@ -217,6 +317,83 @@ class FabricServer:
         return out
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """A response ready for ``writelines``: header, then payload views (a leased reply's tail as one copy)."""
+
+    views: list[bytes | memoryview]
+    head_len: int
+    total: int  # payload bytes
+    copy_from: int  # payload offset from which the views hold copies, not arena memory
+
+
+def _plan(head: bytes, payload: Sequence[memoryview], leased: bool) -> _Outgoing:
+    """Frame ``payload`` behind ``head``. For a reply from arena leases the last ``TAIL_COPY_BYTES`` are copied, so
+    once the transport holds no more than that, no arena byte is still waiting to be sent. Pure: runs in a worker
+    thread for a large reply."""
+    total = sum(len(p) for p in payload)
+    if not leased:
+        return _Outgoing([head, *payload], len(head), total, total)
+    copy_from = max(0, total - TAIL_COPY_BYTES)
+    pos, views, tail = 0, [head], []
+    for p in payload:
+        cut = min(len(p), max(0, copy_from - pos))
+        if cut:
+            views.append(p if cut == len(p) else p[:cut])
+        if cut < len(p):
+            tail.append(p[cut:])
+        pos += len(p)
+    if tail:
+        views.append(b"".join(tail))
+    return _Outgoing(views, len(head), total, copy_from)
+
+
+def _reply_views(
+    arena: shm.ArenaMap | None, frame: fr.Get, leases: Sequence[StoreLease | None], blocks: dict[int, Block]
+) -> tuple[bytes, list[memoryview]]:
+    """The BLOCKS reply to ``frame``: its header and body, and its payload views (chunk-major when chunked)."""
+    views: list[memoryview] = []
+    metas: list[fr.WireMeta | None] = []
+    for i, lease in enumerate(leases):
+        if lease is not None:
+            views.append(arena.view(lease.offset, lease.nbytes))  # type: ignore[union-attr]
+            metas.append(_wire(lease.meta))
+        elif (block := blocks.get(i)) is not None:
+            views.append(memoryview(block.payload).cast("B"))
+            metas.append(_wire(block.meta))
+        else:
+            metas.append(None)
+    chunks = frame.chunks
+    if chunks > 1:
+        if any(len(v) % chunks for v in views):
+            raise InvalidBlockError(f"a requested block does not split into {chunks} equal chunks")
+        views = [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks)
+                 for v in views]  # fmt: skip
+    return fr.encode_blocks(frame.request_id, metas, chunks), views
+
+
+def _descriptor_room(reserve: int) -> int:
+    """How many more descriptors connections may take, keeping ``reserve`` for the store. Raises the soft limit
+    to the hard one first (the usual low default of 1024 is far below what a server needs)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64  # not Linux: a guess at what the process holds
+    return max(1, soft - open_now - reserve)
+
+
+_WRITE_OPS: Final = frozenset({"delete", "pin", "unpin"})
+
+
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: FabricServer) -> None:
         self.server = server
@@ -225,17 +402,28 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.tenant: Tenant | None = None
         self.peer: object = None
-        self.receiver = FrameReceiver(server.config.limits, self._on_frame, self._on_payload_done)
+        self.peer_host = "?"
+        # Until HELLO succeeds: one small frame into a small buffer (see PRE_AUTH_LIMITS).
+        self.receiver = FrameReceiver(
+            PRE_AUTH_LIMITS, self._on_frame, self._on_payload_done, on_reject=self._on_reject,
+            control_bytes=PRE_AUTH_CONTROL_BYTES,
+        )  # fmt: skip
         self.closed = False
         self.tls = False
+        self.connected_at = self.last_received = self.last_active = time.monotonic()
         self._put_buffers: dict[int, list[np.ndarray]] = {}  # request id -> buffers its payload lands in
         self._put_errors: dict[int, Exception] = {}
+        self._put_bytes: dict[int, int] = {}  # request id -> in-flight bytes it holds of both budgets
+        self._own_budget = ByteBudget(server.inflight_per_connection)
+        self._waiting_put: tuple[ByteBudget, Any] | None = None  # a PUT's wait for budget: which, and the handle
         self._client_leases: dict[int, StoreLease] = {}  # shm/NIXL leases the client holds
         self._next_lease = 1
         self._sending_leases: list[tuple[int, list[StoreLease]]] = []  # (stream offset of arena end, leases)
         self._written = 0  # bytes handed to the transport
         self._tasks: set[asyncio.Task[None]] = set()
-        self._paused = False
+        self._threads = asyncio.Semaphore(server.config.threads_per_connection)
+        self._paused_for: set[str] = set()  # why reading is paused: "write", "put", "requests"
+        self._drain: memoryview | None = None
 
     # --- asyncio callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -246,25 +434,42 @@ class _Connection(asyncio.BufferedProtocol):
         if not self.tls:
             transport.set_write_buffer_limits(high=TAIL_COPY_BYTES, low=0)
         self.peer = transport.get_extra_info("peername")
+        self.peer_host = str(self.peer[0]) if isinstance(self.peer, tuple) and self.peer else str(self.peer)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server._connections.add(self)
         self.counters.connections += 1
+        refusal = self.server.admit(self)
+        if refusal is not None:  # the ERROR, then the descriptor back at once: no lingering while overloaded
+            self.counters.refused_connections += 1
+            self._fatal("busy", refusal, linger=False)
+            return
         self.counters.connections_open += 1
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.closed:  # draining what a peer sends after a fatal error
+            if self._drain is None:
+                self._drain = memoryview(bytearray(PRE_AUTH_CONTROL_BYTES))
+            return self._drain
         return self.receiver.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
             return
         self.counters.bytes_received += nbytes
+        self.last_received = self.last_active = time.monotonic()
+        self._guarded(self.receiver.buffer_updated, nbytes)
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run receiver work; a bad stream closes the connection with an ERROR frame."""
         try:
-            self.receiver.buffer_updated(nbytes)
+            fn(*args)
+        except fr.OpNotAllowedError as exc:  # only HELLO is accepted before a successful HELLO
+            self.counters.auth_failures += 1
+            self._fatal("auth", f"the first frame must be HELLO with a valid token ({exc})")
         except AuthError as exc:
             self.counters.auth_failures += 1
-            self._fatal("auth", str(exc))
+            self._fatal(_error_code(exc), str(exc))
         except ProtocolError as exc:
             self.counters.protocol_errors += 1
             self._fatal(_error_code(exc), str(exc))
@@ -273,48 +478,161 @@ class _Connection(asyncio.BufferedProtocol):
         return False
 
     def pause_writing(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()  # backpressure: no new requests while responses are queued
+        self._pause("write")  # backpressure: no new requests while responses are queued
 
     def resume_writing(self) -> None:
         self._release_sending(everything=True)  # low-water mark 0: the write buffer is empty
-        if self._paused and self.transport is not None and not self.closed:
-            self._paused = False
+        self._resume("write")
+
+    def _pause(self, why: str) -> None:
+        if not self._paused_for and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused_for.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why not in self._paused_for:
+            return
+        self._paused_for.discard(why)
+        if not self._paused_for and self.transport is not None and not self.closed:
+            self.last_received = time.monotonic()  # the frame deadline counts from here, not from the pause
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.server._connections:
+            self.counters.connections_open -= 1
         self.closed = True
-        self.server._connections.discard(self)
-        self.counters.connections_open -= 1
+        self.server.discharge(self)
         self._release_sending(everything=True)
         for lease in self._client_leases.values():
             self._release(lease)
         self._client_leases.clear()
+        if self._waiting_put is not None:
+            budget, waiter = self._waiting_put
+            budget.cancel(waiter)
+            self._waiting_put = None
+        for request_id in list(self._put_buffers):  # payloads that were still arriving; running puts give their own
+            self._give_put_bytes(request_id)
         self._put_buffers.clear()
+        self._put_errors.clear()
+        self.receiver.close()  # no more references from the receiver back to this connection
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
+    def check_deadlines(self, now: float) -> None:
+        """Called about once a second by the server: drop a connection that overstays a deadline."""
+        cfg = self.server.config
+        if self.closed or self.transport is None:
+            return
+        if self.tenant is None:
+            if cfg.handshake_timeout_s and now - self.connected_at > cfg.handshake_timeout_s:
+                self.counters.timeouts += 1
+                self._fatal("timeout", f"no successful HELLO within {cfg.handshake_timeout_s:g} s of connecting")
+            return
+        receiving = not self.receiver.idle and not self._paused_for  # a stall of our own making does not count
+        if receiving and cfg.frame_timeout_s and now - self.last_received > cfg.frame_timeout_s:
+            self.counters.timeouts += 1
+            self._fatal("timeout", f"a frame was started but no byte of it arrived for {cfg.frame_timeout_s:g} s")
+            return
+        quiet = (self.receiver.idle and not self._tasks and not self._client_leases and not self._sending_leases
+                 and self.transport.get_write_buffer_size() == 0)  # fmt: skip
+        if quiet and cfg.idle_timeout_s and now - self.last_active > cfg.idle_timeout_s:
+            self.counters.timeouts += 1
+            log.info("closing connection from %s: idle for %g s", self.peer, cfg.idle_timeout_s)
+            self.closed = True
+            self.transport.close()
+
     # --- frames in -----------------------------------------------------------------------------------------------
-    def _on_frame(self, frame: fr.Frame) -> list[memoryview] | None:
+    def _on_reject(self, exc: fr.RequestLimitError) -> None:
+        """A well-formed request over a limit: an ERROR for it, and its payload skipped by the receiver."""
+        if self.tenant is None:
+            raise AuthError(f"the first frame must be a HELLO within the pre-authentication limits: {exc}")
+        self.counters.requests += 1
+        self._send_error(exc.request_id, exc)
+
+    def _on_frame(self, frame: fr.Frame) -> Sequence[memoryview] | object | None:
         if self.tenant is None and not isinstance(frame, fr.Hello):
             raise AuthError("the first frame must be HELLO with a valid token")
-        if isinstance(frame, fr.Put):
-            try:
-                if len(frame.items) > self.server.config.limits.max_batch:
-                    raise FrameTooLargeError(len(frame.items), self.server.config.limits.max_batch)
-                bufs = [np.empty(it.meta.nbytes, dtype=np.uint8) for it in frame.items]
-            except (FrameTooLargeError, MemoryError) as exc:
-                self._put_errors[frame.request_id] = exc
-                return None
-            self._put_buffers[frame.request_id] = bufs
-            return [memoryview(b) for b in bufs]
-        return None
+        if not isinstance(frame, fr.Put):
+            return None
+        try:
+            self._check_scope("write", "put")
+            if frame.payload_len > self.server.inflight_per_connection:
+                raise FrameTooLargeError(frame.payload_len, self.server.inflight_per_connection,
+                                         what="put payload bytes (in-flight budget of a connection)")  # fmt: skip
+        except (ScopeError, FrameTooLargeError) as exc:
+            self._put_errors[frame.request_id] = exc
+            return None  # the payload is read and dropped; the reply is the error
+        if frame.payload_len == 0:
+            return self._put_segments(frame)
+        granted = [False]
+
+        def own_granted() -> None:
+            waiter = self.server.inflight.take(frame.payload_len, global_granted)
+            if waiter is None:
+                global_granted()
+            else:
+                self._waiting_put = (self.server.inflight, waiter)
+
+        def global_granted() -> None:
+            self._put_bytes[frame.request_id] = frame.payload_len
+            self.counters.inflight_bytes = self.server.inflight.used
+            if self._waiting_put is None:
+                granted[0] = True  # at once: the caller returns the buffers
+            else:
+                self._waiting_put = None
+                self._resume_put(frame)
+
+        waiter = self._own_budget.take(frame.payload_len, own_granted)
+        if waiter is None:
+            own_granted()
+        else:
+            self._waiting_put = (self._own_budget, waiter)
+        if granted[0]:
+            return self._put_segments(frame)
+        self.counters.put_waits += 1
+        self._pause("put")
+        return DEFER
+
+    def _put_segments(self, frame: fr.Put) -> list[memoryview] | None:
+        try:
+            bufs = [np.empty(it.meta.nbytes, dtype=np.uint8) for it in frame.items]
+        except MemoryError as exc:
+            self._give_put_bytes(frame.request_id)
+            self._put_errors[frame.request_id] = exc
+            return None
+        self._put_buffers[frame.request_id] = bufs
+        return [memoryview(b) for b in bufs]
+
+    def _resume_put(self, frame: fr.Put) -> None:
+        """The budget a waiting PUT needed is now held for it: receive its payload and read on."""
+        if self.closed:
+            self._give_put_bytes(frame.request_id)
+            return
+        self._guarded(self.receiver.resume, self._put_segments(frame))
+        self._resume("put")
+
+    def _give_put_bytes(self, request_id: int) -> None:
+        nbytes = self._put_bytes.pop(request_id, 0)
+        if nbytes:
+            self._own_budget.give(nbytes)
+            self.server.inflight.give(nbytes)
+            self.counters.inflight_bytes = self.server.inflight.used
+
+    def _check_scope(self, scope: Scope, what: str) -> None:
+        assert self.tenant is not None
+        if not self.tenant.has(scope):
+            raise ScopeError(f"{what} needs the '{scope}' scope; this token has '{self.tenant.scope}'")
 
     def _on_payload_done(self, frame: fr.Frame) -> None:
         self.counters.requests += 1
+        if isinstance(frame, fr.KeyRequest) and frame.kind in _WRITE_OPS:
+            try:
+                self._check_scope("write", frame.kind)
+            except ScopeError as exc:
+                self._send_error(frame.request_id, exc)
+                return
         match frame:
             case fr.Hello():
                 self._hello(frame)
@@ -328,7 +646,7 @@ class _Connection(asyncio.BufferedProtocol):
                 bufs = self._put_buffers.pop(frame.request_id, [])
                 if error is not None:
                     self._send_error(frame.request_id, error)
-                elif self.server.has_lower_tiers:
+                elif self.server.has_lower_tiers or frame.payload_len > INLINE_PUT_BYTES:
                     self._spawn(frame.request_id, self._put_below(frame, bufs))
                 else:
                     self._put(frame, bufs)
@@ -352,6 +670,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self.tenant is not None:
             raise fr.ParseError("HELLO sent twice on one connection")
         self.tenant = self.server.auth.authenticate(frame.token)
+        self.receiver.limits = self.server.config.limits
+        self.receiver.control_bytes = CONTROL_BYTES
         offer = None
         path = self.store.arena_path
         if "shm" in frame.features and path and shm.same_host(self.peer, frame.client):
@@ -374,15 +694,25 @@ class _Connection(asyncio.BufferedProtocol):
     def _spawn(self, request_id: int, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._run(request_id, coro))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        if len(self._tasks) >= self.server.config.max_requests_per_connection:
+            self._pause("requests")
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) < self.server.config.max_requests_per_connection:
+            self._resume("requests")
 
     async def _run(self, request_id: int, coro: Any) -> None:
         try:
-            await coro
+            async with self._threads:  # this connection's share of the worker threads
+                await coro
         except Exception as exc:
             if _error_code(exc) == "internal":
                 log.exception("request %d from %s failed", request_id, self.peer)
             self._send_error(request_id, exc)
+        finally:
+            coro.close()  # a request that never ran (the connection went away first) is not left unawaited
 
     def _key_list(self, model: ModelFingerprint, hashes: Sequence[PrefixHash]) -> list[BlockKey]:
         assert self.tenant is not None
@@ -390,11 +720,21 @@ class _Connection(asyncio.BufferedProtocol):
         return [BlockKey(ns, model, h) for h in hashes]
 
     async def _register(self, frame: fr.RegisterModel) -> None:
+        assert self.tenant is not None
+        cfg = self.server.config
         try:
-            spec = ModelSpec.from_dict(frame.spec)
+            spec = ModelSpec.from_wire(frame.spec)
         except (TypeError, ValueError) as exc:
             raise InvalidBlockError(f"invalid model spec: {exc}") from exc
-        fp = await asyncio.to_thread(self.store.register_model, spec)
+        if not self.tenant.has("write"):  # a reader may name a model the node knows, not add one
+            known = await asyncio.to_thread(self.store.model, spec.fingerprint())
+            if known is None:
+                self._check_scope("write", "registering a new model")
+            self._send(fr.encode_model_ok(frame.request_id, spec.fingerprint()))
+            return
+        fp = await asyncio.to_thread(
+            self.store.register_model, spec, owner=self.tenant.name, max_per_owner=cfg.max_models_per_tenant
+        )
         self._send(fr.encode_model_ok(frame.request_id, fp))
 
     def _blocks(self, frame: fr.Put, bufs: list[np.ndarray]) -> list[Block]:
@@ -409,7 +749,7 @@ class _Connection(asyncio.BufferedProtocol):
         return blocks
 
     def _put(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
-        """A RAM-only store: the put is one copy into the arena, which would hold the GIL in a thread as well."""
+        """A small put into a RAM-only store: one copy into the arena, which would hold the GIL in a thread too."""
         started = time.perf_counter()
         try:
             blocks = self._blocks(frame, bufs)
@@ -417,14 +757,19 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._send_error(frame.request_id, exc)
             return
+        finally:
+            self._give_put_bytes(frame.request_id)
         self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
     async def _put_below(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
-        """Lower tiers write (disk, network) in a thread."""
+        """Lower tiers write (disk, network) in a thread, and so does a large copy into RAM."""
         started = time.perf_counter()
-        blocks = self._blocks(frame, bufs)
-        await asyncio.to_thread(self.store.put_many, blocks)
+        try:
+            blocks = self._blocks(frame, bufs)
+            await asyncio.to_thread(self.store.put_many, blocks)
+        finally:
+            self._give_put_bytes(frame.request_id)
         self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
@@ -461,9 +806,13 @@ class _Connection(asyncio.BufferedProtocol):
         return out
 
     def _get(self, frame: fr.Get) -> None:
-        """RAM hits are answered right here, from the arena; anything else goes to a thread (lower tiers)."""
+        """Small GETs of RAM hits are answered right here, from the arena; anything else goes to a thread (lower
+        tiers, or work proportional to a large request's size)."""
         started = time.perf_counter()
         keys = self._key_list(frame.model, frame.hashes)
+        if len(keys) > INLINE_KEYS or len(keys) * frame.chunks > INLINE_VIEWS:
+            self._spawn(frame.request_id, self._get_threaded(frame, keys, started))
+            return
         leases = self._acquire_in_ram(frame.request_id, keys)
         if leases is None:
             return
@@ -472,6 +821,35 @@ class _Connection(asyncio.BufferedProtocol):
             self._reply_get(frame, leases, {}, started, below=False)
         else:
             self._spawn(frame.request_id, self._get_below(frame, keys, leases, started))
+
+    async def _get_threaded(self, frame: fr.Get, keys: list[BlockKey], started: float) -> None:
+        """The whole GET in a worker thread: leases or copies, the reply's views and its framing."""
+        store, arena, lower, leased_send = self.store, self.server.arena, self.server.has_lower_tiers, not self.tls
+
+        def work() -> tuple[list[StoreLease], bool, _Outgoing]:
+            leases: list[StoreLease | None] = []
+            blocks: dict[int, Block] = {}
+            try:
+                for i, key in enumerate(keys):
+                    lease = store.acquire(key, promote=False) if arena is not None else None
+                    if lease is None and lower and arena is not None:
+                        lease = store.acquire(key)  # promote into the arena and send from there
+                    if lease is None and (lower or arena is None):
+                        if (block := store.get(key)) is not None:  # a copy when RAM has no room
+                            blocks[i] = block
+                    leases.append(lease)
+                head, views = _reply_views(arena, frame, leases, blocks)
+                held = [lease for lease in leases if lease is not None]
+                return held, bool(views), _plan(head, views, leased=leased_send and bool(held))
+            except BaseException:
+                for lease in leases:
+                    if lease is not None:
+                        store.release(lease)
+                raise
+
+        held, found, out = await asyncio.to_thread(work)
+        self._observe_get(started, found=found, below=lower and found)
+        self._commit(out, held)
 
     async def _get_below(
         self, frame: fr.Get, keys: list[BlockKey], leases: list[StoreLease | None], started: float
@@ -521,31 +899,14 @@ class _Connection(asyncio.BufferedProtocol):
         """Send the BLOCKS reply: leased blocks from the arena (released once sent), others from their copies."""
         held = [lease for lease in leases if lease is not None]
         try:
-            arena = self.server.arena
-            views: list[memoryview] = []
-            metas: list[fr.WireMeta | None] = []
-            for i, lease in enumerate(leases):
-                if lease is not None:
-                    views.append(arena.view(lease.offset, lease.nbytes))  # type: ignore[union-attr]
-                    metas.append(_wire(lease.meta))
-                elif (block := blocks.get(i)) is not None:
-                    views.append(memoryview(block.payload).cast("B"))
-                    metas.append(_wire(block.meta))
-                else:
-                    metas.append(None)
-            chunks = frame.chunks
-            if chunks > 1:
-                if any(len(v) % chunks for v in views):
-                    raise InvalidBlockError(f"a requested block does not split into {chunks} equal chunks")
-                views = [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks)
-                         for v in views]  # fmt: skip
+            head, views = _reply_views(self.server.arena, frame, leases, blocks)
         except Exception as exc:
             for lease in held:
                 self.store.release(lease)
             self._send_error(frame.request_id, exc)
             return
         self._observe_get(started, found=bool(views), below=below)
-        self._send(fr.encode_blocks(frame.request_id, metas, chunks), views, held)
+        self._send(head, views, held)
 
     async def _key_request(self, frame: fr.KeyRequest) -> None:
         keys = self._key_list(frame.model, frame.hashes)
@@ -574,10 +935,14 @@ class _Connection(asyncio.BufferedProtocol):
                 self._send(fr.encode_count(frame.request_id, await asyncio.to_thread(apply)))
 
     def _lease(self, frame: fr.LeaseRequest) -> None:
-        """Leases for a shm / NIXL client: RAM hits inline; misses promoted (or found below) in a thread."""
+        """Leases for a shm / NIXL client: RAM hits of a small request inline; misses promoted (or found below),
+        and every key of a large request, in a thread."""
         started = time.perf_counter()
         keys = self._key_list(frame.model, frame.hashes)
         room = self.server.config.max_leases_per_connection - len(self._client_leases)
+        if len(keys) > INLINE_KEYS:
+            self._spawn(frame.request_id, self._lease_below(frame, keys, [None] * len(keys), room, started))
+            return
         leases = self._acquire_in_ram(frame.request_id, keys, max(0, room))
         if leases is None:
             return
@@ -593,12 +958,13 @@ class _Connection(asyncio.BufferedProtocol):
         missing = [i for i, lease in enumerate(leases) if lease is None]
         room -= len(leases) - len(missing)
         store = self.store
-        promote = self.server.arena is not None and self.server.has_lower_tiers
+        in_arena = self.server.arena is not None
+        promote = in_arena and self.server.has_lower_tiers
 
         def fetch() -> list[StoreLease | BlockMeta | None]:
             out: list[StoreLease | BlockMeta | None] = []
             for n, i in enumerate(missing):
-                lease = store.acquire(keys[i]) if promote and n < room else None
+                lease = store.acquire(keys[i], promote=promote) if in_arena and n < room else None
                 if lease is None:
                     head = store.head(keys[i])
                     out.append(head[0] if head is not None else None)
@@ -635,53 +1001,55 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- frames out ----------------------------------------------------------------------------------------------
     def _send(self, head: bytes, payload: Sequence[memoryview] = (), leases: Sequence[StoreLease] = ()) -> None:
+        self._commit(_plan(head, payload, leased=bool(leases) and not self.tls), leases)
+
+    def _commit(self, out: _Outgoing, leases: Sequence[StoreLease] = ()) -> None:
+        """Hand a planned response to the transport; ``leases`` are released once the kernel took their bytes."""
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
             for lease in leases:
                 self.store.release(lease)
             return
-        if payload and self.tls:
-            transport.writelines([head, *(bytes(p) for p in payload)])
-            self.counters.bytes_sent += len(head) + sum(len(p) for p in payload)
+        self.last_active = time.monotonic()
+        self.counters.bytes_sent += out.head_len + out.total
+        if out.total and self.tls:
+            transport.writelines([bytes(v) for v in out.views])
             for lease in leases:
                 self.store.release(lease)
             return
         # One writelines call: uvloop hands the header and every payload view to the kernel in one writev, with
         # no copy (the default asyncio loop of Python 3.11 would join them, so serve runs on uvloop).
-        written = len(head)
-        total = sum(len(p) for p in payload)
         if leases:  # zero-copy from the arena, except a copied tail (see TAIL_COPY_BYTES)
-            copy_from = max(0, total - TAIL_COPY_BYTES)
-            pos, views, tail = 0, [head], []
-            for p in payload:
-                cut = min(len(p), max(0, copy_from - pos))
-                if cut:
-                    views.append(p if cut == len(p) else p[:cut])
-                if cut < len(p):
-                    tail.append(p[cut:])
-                pos += len(p)
-            if tail:
-                views.append(b"".join(tail))
-            self._written += written + copy_from
+            self._written += out.head_len + out.copy_from
             self._sending_leases.append((self._written, list(leases)))
-            self._written += total - copy_from
-            transport.writelines(views)
+            self._written += out.total - out.copy_from
         else:  # payloads not in the arena are objects the transport keeps alive itself
-            transport.writelines([head, *payload])
-            self._written += written + total
-        self.counters.bytes_sent += written + total
+            self._written += out.head_len + out.total
+        transport.writelines(out.views)
         self._release_sending()
 
     def _send_error(self, request_id: int, exc: BaseException) -> None:
         self.counters.errors += 1
         self._send(fr.encode_error(request_id, _error_code(exc), str(exc)))
 
-    def _fatal(self, code: str, message: str) -> None:
+    def _fatal(self, code: str, message: str, linger: bool = True) -> None:
         log.info("closing connection from %s: %s: %s", self.peer, code, message)
         self._send(fr.encode_error(0, code, message))
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()  # flushes the error frame first
+        transport = self.transport
+        if transport is None:
+            return
+        if linger and transport.can_write_eof():
+            # Half-close: the ERROR frame goes out, then FIN; what the peer still sends is read and dropped, so
+            # closing with unread bytes does not reset the connection and lose the ERROR frame on the way.
+            transport.write_eof()
+            if self._paused_for:
+                self._paused_for.clear()
+                transport.resume_reading()
+        else:
+            transport.close()  # flushes the error frame first
+        # a peer that does not read its ERROR frame (or keeps sending) must not keep the connection open
+        asyncio.get_running_loop().call_later(FATAL_FLUSH_S, transport.abort)
 
     def _release_sending(self, everything: bool = False) -> None:
         """Release the leases of responses whose arena bytes the kernel has taken."""

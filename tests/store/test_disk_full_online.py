@@ -3,7 +3,6 @@ serving reads byte for byte, keeps deleting and compacting, and resumes puts by 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

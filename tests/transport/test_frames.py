@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kvfabric.errors import FrameTooLargeError, ProtocolError
 from kvfabric.spec import DType
 from kvfabric.transport import frames as fr
-from kvfabric.transport.receiver import FrameReceiver
+from kvfabric.transport.receiver import DEFER, FrameReceiver
 
 H = bytes(range(32))
 P = bytes(32 * [7])
@@ -205,3 +205,95 @@ def test_fuzz_well_formed_msgpack_with_wrong_shapes(body: object, op: int) -> No
         fr.parse_body(header, data)
     except ProtocolError:
         pass
+
+
+def test_get_over_hashes_x_chunks_is_a_request_error_naming_the_limit() -> None:
+    data = fr.encode_get(5, H, [P] * 1024, 16384)
+    with pytest.raises(fr.RequestLimitError) as exc:
+        parse(data)
+    assert exc.value.request_id == 5 and exc.value.size == 1024 * 16384 and exc.value.limit == fr.MAX_REPLY_VIEWS
+    assert "hashes x chunks" in str(exc.value) and "max_reply_views" in str(exc.value)
+    assert isinstance(parse(fr.encode_get(5, H, [P] * 4, 16384)), fr.Get)  # 65536 views: at the limit
+
+
+def test_hello_ok_carries_the_view_limit_and_reads_servers_without_it() -> None:
+    limits = fr.Limits(max_reply_views=99)
+    ok = parse(fr.encode_hello_ok(1, "t", b"s", "n", limits, None, False))
+    assert isinstance(ok, fr.HelloOk) and ok.limits.max_reply_views == 99
+    old = fr._frame(fr.OP_HELLO_OK, 1, [1, "t", b"s", "n", [1, 2, 3, 4], None, False])
+    assert parse(old).limits.max_reply_views == fr.MAX_REPLY_VIEWS  # type: ignore[union-attr]
+
+
+class Rejecting(Collect):
+    """A receiver owner that takes request-limit errors instead of raising them."""
+
+    def __init__(self, limits: fr.Limits) -> None:
+        super().__init__()
+        self.rejected: list[int] = []
+        self.receiver = FrameReceiver(limits, self.on_frame, self.on_done, on_reject=self.on_reject,
+                                      control_bytes=256)  # fmt: skip
+
+    def on_reject(self, exc: fr.RequestLimitError) -> None:
+        self.rejected.append(exc.request_id)
+
+
+@pytest.mark.parametrize("step", [1, 13, 1 << 20])
+def test_a_rejected_put_has_its_payload_skipped_and_the_stream_goes_on(step: int) -> None:
+    payload = b"\xff" * (META.nbytes * 3)
+    stream = (
+        fr.encode_stats(1) + fr.encode_put(2, H, [fr.PutItem(P, META)] * 3) + payload + fr.encode_stats(3)
+        + fr.encode_get(4, H, [P] * 3, 1) + fr.encode_stats(5)
+    )  # fmt: skip
+    c = Rejecting(fr.Limits(max_batch=2))
+    c.feed(stream, step)
+    assert c.rejected == [2, 4]
+    assert [f.request_id for f in c.frames] == [1, 3, 5]
+
+
+def test_receiver_gives_back_a_large_body_buffer_and_drops_its_owner_on_close() -> None:
+    c = Rejecting(fr.Limits())
+    assert c.receiver.buffered_bytes == 256
+    big = fr.encode_keys(1, "exists", H, [P] * 2000)  # ~70 KiB body
+    c.feed(big + fr.encode_stats(2), 4096)
+    assert [f.request_id for f in c.frames] == [1, 2]
+    assert c.receiver.buffered_bytes == 256
+    c.receiver.close()
+    c.feed(fr.encode_stats(3), 4096)  # ignored after close
+    assert [f.request_id for f in c.frames] == [1, 2]
+    assert c.receiver._on_frame is None and c.receiver._on_payload_done is None
+
+
+def test_a_deferred_payload_lands_where_resume_says() -> None:
+    payload = bytes(range(256)) * (META.nbytes // 256)
+    got: list[bytes] = []
+    frames: list[fr.Frame] = []
+    dest = bytearray(META.nbytes)
+
+    def on_frame(frame: fr.Frame) -> object:
+        return DEFER if isinstance(frame, fr.Put) else None
+
+    def on_done(frame: fr.Frame) -> None:
+        frames.append(frame)
+        if isinstance(frame, fr.Put):
+            got.append(bytes(dest))
+
+    r = FrameReceiver(fr.Limits(), on_frame, on_done)  # type: ignore[arg-type]
+    stream = fr.encode_put(1, H, [fr.PutItem(P, META)]) + payload[:100]
+    buf = r.get_buffer(-1)
+    buf[: len(stream)] = stream
+    r.buffer_updated(len(stream))
+    assert r.deferred and not frames
+    rest = payload[100:] + fr.encode_stats(2)
+    buf = r.get_buffer(-1)  # bytes that arrive before the owner's pause took effect are kept
+    buf[:50] = rest[:50]
+    r.buffer_updated(50)
+    r.resume([memoryview(dest)])
+    assert not r.deferred
+    pos = 50
+    while pos < len(rest):
+        buf = r.get_buffer(-1)
+        n = min(len(buf), len(rest) - pos)
+        buf[:n] = rest[pos : pos + n]
+        r.buffer_updated(n)
+        pos += n
+    assert got == [payload] and [f.request_id for f in frames] == [1, 2]

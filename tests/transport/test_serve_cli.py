@@ -47,3 +47,58 @@ def test_serve_round_trip_and_restart(tmp_path: Path) -> None:
         finally:
             proc.terminate()
             assert proc.wait(30) == 0
+
+
+def test_limits_deadlines_and_scoped_tokens_come_from_the_config(tmp_path: Path) -> None:
+    from kvfabric.config import load_settings
+    from kvfabric.transport.auth import TokenGrant
+    from kvfabric.transport.serve import _server_config
+    from tests.transport.servers import open_store
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("""
+[server]
+server_secret = "serve-cli-secret-0123456789"
+max_batch = 100
+max_frame_bytes = "8MiB"
+handshake_timeout_s = 1.5
+max_connections_per_peer = 7
+fd_reserve = 100
+max_inflight_bytes = "64MiB"
+max_models_per_tenant = 5
+[server.auth]
+enabled = true
+[[server.auth.tokens]]
+token = "reader-token-0123456789"
+tenant = "tenant-a"
+[[server.auth.tokens]]
+token = "writer-token-0123456789"
+tenant = "tenant-a"
+scopes = ["read", "write"]
+namespaces = ["tenant-a", "tenant-b"]
+""")
+    args = build_parser().parse_args(["serve", "--port", "0", "--config", str(cfg)])
+    store = open_store()
+    try:
+        config = _server_config(args, store, load_settings(str(cfg)))
+    finally:
+        store.close()
+    assert config.limits.max_batch == 100 and config.limits.max_payload_bytes == 8 << 20
+    assert config.limits.max_block_bytes == 8 << 20  # no block larger than a frame
+    assert config.handshake_timeout_s == 1.5 and config.max_connections_per_peer == 7 and config.fd_reserve == 100
+    assert config.max_inflight_bytes == 64 << 20 and config.max_models_per_tenant == 5
+    assert config.tokens["reader-token-0123456789"] == TokenGrant("tenant-a", "read")
+    assert config.tokens["writer-token-0123456789"] == TokenGrant("tenant-a", "write",
+                                                                  frozenset({"tenant-a", "tenant-b"}))  # fmt: skip
+
+
+def test_an_in_flight_budget_below_one_frame_is_a_config_error(tmp_path: Path) -> None:
+    import pytest
+
+    from kvfabric.config import load_settings
+    from kvfabric.errors import ConfigError
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[server]\nmax_frame_bytes = "64MiB"\nmax_inflight_bytes = "32MiB"\n')
+    with pytest.raises(ConfigError, match="max_inflight_bytes must be at least max_frame_bytes"):
+        load_settings(str(cfg))
