@@ -52,7 +52,7 @@ def test_serve_round_trip_and_restart(tmp_path: Path) -> None:
 def test_limits_deadlines_and_scoped_tokens_come_from_the_config(tmp_path: Path) -> None:
     from kvfabric.config import load_settings
     from kvfabric.transport.auth import TokenGrant
-    from kvfabric.transport.serve import _server_config
+    from kvfabric.transport.serve import _keying_secret, _server_config
     from tests.transport.servers import open_store
 
     cfg = tmp_path / "node.toml"
@@ -80,7 +80,8 @@ namespaces = ["tenant-a", "tenant-b"]
     args = build_parser().parse_args(["serve", "--port", "0", "--config", str(cfg)])
     store = open_store()
     try:
-        config = _server_config(args, store, load_settings(str(cfg)))
+        settings = load_settings(str(cfg))
+        config = _server_config(args, store, settings, _keying_secret(args, settings))
     finally:
         store.close()
     assert config.limits.max_batch == 100 and config.limits.max_payload_bytes == 8 << 20
