@@ -861,8 +861,7 @@ class _Connection(asyncio.BufferedProtocol):
         def fetch() -> list[StoreLease | Block | None]:
             out: list[StoreLease | Block | None] = []
             for i in missing:  # promote into the arena and send from there; a copy when RAM has no room
-                lease = store.acquire(keys[i]) if arena is not None else None
-                out.append(lease if lease is not None else store.get(keys[i]))
+                out.append(store.acquire_or_get(keys[i]) if arena is not None else store.get(keys[i]))
             return out
 
         blocks, below = await self._fetch_below(fetch, leases, missing, Block)

@@ -136,14 +136,8 @@ def test_gets_count_once_per_tier_asked(node: tuple[str, httpx.Client], shm: boo
     assert http.get("/v1/stats").json()["totals"]["hit_rate"] == 1.0
 
 
-SERVER_ASKS_TWICE = (
-    "kvfabric/transport/server.py's GET path (_get_below.fetch) calls store.acquire and, when that finds nothing, "
-    "store.get: a block held nowhere is looked up, and counted, twice. TieredStore.acquire_or_get does it in one read"
-)
-
-
 @pytest.mark.parametrize(
-    "shm", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=SERVER_ASKS_TWICE))],
+    "shm", [True, False],
     ids=["shm-leases", "tcp"],
 )  # fmt: skip
 def test_a_get_of_an_absent_block_misses_each_tier_once(node: tuple[str, httpx.Client], shm: bool) -> None:
