@@ -78,6 +78,10 @@ INLINE_KEYS = 256
 """A GET naming more keys than this is served from a worker thread, not inside the event loop's callback."""
 INLINE_VIEWS = 1024
 """Likewise for a GET whose reply is cut into more views (hashes x chunks) than this."""
+GATHER_MAX_BYTES = 16 << 20
+"""A chunked reply cut into more than ``INLINE_VIEWS`` views and at most this large is copied chunk-major into one
+buffer (one strided copy per block) rather than sent as a view per chunk: tens of thousands of small views cost
+far more, in CPU held under the GIL, than copying their bytes."""
 INLINE_PUT_BYTES = 4 << 20
 """A RAM-only put larger than this copies into the arena in a worker thread."""
 FATAL_FLUSH_S = 5.0
@@ -350,8 +354,9 @@ def _plan(head: bytes, payload: Sequence[memoryview], leased: bool) -> _Outgoing
 
 def _reply_views(
     arena: shm.ArenaMap | None, frame: fr.Get, leases: Sequence[StoreLease | None], blocks: dict[int, Block]
-) -> tuple[bytes, list[memoryview]]:
-    """The BLOCKS reply to ``frame``: its header and body, and its payload views (chunk-major when chunked)."""
+) -> tuple[bytes, list[memoryview], bool]:
+    """The BLOCKS reply to ``frame``: its header and body, its payload views (chunk-major when chunked), and whether
+    they are a copy (then the blocks' leases may go before it is sent)."""
     views: list[memoryview] = []
     metas: list[fr.WireMeta | None] = []
     for i, lease in enumerate(leases):
@@ -367,9 +372,23 @@ def _reply_views(
     if chunks > 1:
         if any(len(v) % chunks for v in views):
             raise InvalidBlockError(f"a requested block does not split into {chunks} equal chunks")
-        views = [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks)
-                 for v in views]  # fmt: skip
-    return fr.encode_blocks(frame.request_id, metas, chunks), views
+        views, copied = _chunk_major(views, chunks)
+    else:
+        copied = False
+    return fr.encode_blocks(frame.request_id, metas, chunks), views, copied
+
+
+def _chunk_major(views: list[memoryview], chunks: int) -> tuple[list[memoryview], bool]:
+    """Chunk 0 of every view, then chunk 1, ...: as one gathered copy when there are many small chunks of equal
+    blocks (see ``GATHER_MAX_BYTES``), else as views into the blocks."""
+    size = len(views[0]) if views else 0
+    total = size * len(views)
+    if len(views) * chunks > INLINE_VIEWS and total <= GATHER_MAX_BYTES and all(len(v) == size for v in views):
+        out = np.empty((chunks, len(views), size // chunks), dtype=np.uint8)
+        for i, v in enumerate(views):
+            out[:, i, :] = np.frombuffer(v, dtype=np.uint8).reshape(chunks, size // chunks)
+        return [memoryview(out.reshape(-1))], True
+    return [v[c * (len(v) // chunks) : (c + 1) * (len(v) // chunks)] for c in range(chunks) for v in views], False
 
 
 def _descriptor_room(reserve: int) -> int:
@@ -424,6 +443,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._threads = asyncio.Semaphore(server.config.threads_per_connection)
         self._paused_for: set[str] = set()  # why reading is paused: "write", "put", "requests"
         self._drain: memoryview | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -515,6 +535,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._put_buffers.clear()
         self._put_errors.clear()
         self.receiver.close()  # no more references from the receiver back to this connection
+        if self._abort_timer is not None:  # the timer would keep the transport (and this) alive until it fires
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        self._drain = None
+        self.transport = None
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -838,9 +863,14 @@ class _Connection(asyncio.BufferedProtocol):
                         if (block := store.get(key)) is not None:  # a copy when RAM has no room
                             blocks[i] = block
                     leases.append(lease)
-                head, views = _reply_views(arena, frame, leases, blocks)
+                head, views, copied = _reply_views(arena, frame, leases, blocks)
                 held = [lease for lease in leases if lease is not None]
-                return held, bool(views), _plan(head, views, leased=leased_send and bool(held))
+                found = bool(held) or bool(blocks)
+                if copied:  # the payload is a gathered copy: the arena is not read any more
+                    for lease in held:
+                        store.release(lease)
+                    held = []
+                return held, found, _plan(head, views, leased=leased_send and bool(held))
             except BaseException:
                 for lease in leases:
                     if lease is not None:
@@ -898,12 +928,16 @@ class _Connection(asyncio.BufferedProtocol):
         """Send the BLOCKS reply: leased blocks from the arena (released once sent), others from their copies."""
         held = [lease for lease in leases if lease is not None]
         try:
-            head, views = _reply_views(self.server.arena, frame, leases, blocks)
+            head, views, copied = _reply_views(self.server.arena, frame, leases, blocks)
         except Exception as exc:
             for lease in held:
                 self.store.release(lease)
             self._send_error(frame.request_id, exc)
             return
+        if copied:
+            for lease in held:
+                self.store.release(lease)
+            held = []
         self._observe_get(started, found=bool(views), below=below)
         self._send(head, views, held)
 
@@ -1048,7 +1082,7 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             transport.close()  # flushes the error frame first
         # a peer that does not read its ERROR frame (or keeps sending) must not keep the connection open
-        asyncio.get_running_loop().call_later(FATAL_FLUSH_S, transport.abort)
+        self._abort_timer = asyncio.get_running_loop().call_later(FATAL_FLUSH_S, transport.abort)
 
     def _release_sending(self, everything: bool = False) -> None:
         """Release the leases of responses whose arena bytes the kernel has taken."""
