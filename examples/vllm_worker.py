@@ -133,7 +133,7 @@ def main() -> int:
         for i, prompt in enumerate(prompts, 1):
             progress(args.label, f"prompt {i} of {len(prompts)}: {len(prompt)} tokens, generating {args.max_tokens}")
             outs.append(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0])
-    for out in outs:
+    for i, out in enumerate(outs, 1):
         completion = out.outputs[0]
         logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)]
         results.append(

@@ -233,11 +233,13 @@ async def _serve(
         await stop.wait()
     finally:
         log.info("shutting down")
-        if admin is not None:
-            await admin.close()
-        if index is not None:
-            await index.aclose()
-        await server.close()
+        # Each step runs whatever the one before it raised: the store's close (flush, arena) must still follow.
+        for step in (admin.close if admin else None, index.aclose if index else None, server.close):
+            if step is not None:
+                try:
+                    await step()
+                except Exception:  # noqa: BLE001 - logged with its traceback; stopping goes on
+                    log.exception("shutting down: %s failed", getattr(step, "__qualname__", step))
 
 
 @contextlib.contextmanager

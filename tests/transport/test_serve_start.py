@@ -68,7 +68,8 @@ def _serve(config: Path, env: dict[str, str]) -> Iterator[str]:
         yield f"kvfabric://{m.group(1)}:{m.group(2)}"
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0
+        code = proc.wait(30)
+        assert code == 0, (code, proc.stderr.read() if proc.stderr else "")
 
 
 def _fails(config: Path | None, env: dict[str, str], *args: str) -> str:
