@@ -191,9 +191,10 @@ def test_port_in_use_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -
         assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
-def test_serve_without_admin_port_says_the_admin_api_is_off(tmp_path: Path) -> None:
+def _stderr_once_listening(*args: str) -> str:
+    """What ``kvfabric serve ARGS`` wrote on stderr up to listening, then being stopped."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvfabric", "serve", "--port", "0", "--no-nixl", "--log-level", "ERROR"],
+        [sys.executable, "-m", "kvfabric", "serve", "--port", "0", "--no-nixl", *args],
         cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -202,7 +203,11 @@ def test_serve_without_admin_port_says_the_admin_api_is_off(tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(30)
-    assert "the admin API, /metrics and the dashboard are off" in proc.stderr.read()
+    return proc.stderr.read()
+
+
+def test_serve_without_admin_port_says_the_admin_api_is_off(tmp_path: Path) -> None:
+    assert "the admin API, /metrics and the dashboard are off" in _stderr_once_listening("--log-level", "ERROR")
 
 
 def test_start_warns_about_placeholders_and_oversized_tiers(tmp_path: Path) -> None:
@@ -216,18 +221,7 @@ data_dir = "{tmp_path / 'd'}"
 ram_bytes = "64MiB"
 disk_bytes = "1000TiB"
 """)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvfabric", "serve", "--config", str(config), "--port", "0", "--no-nixl",
-         "--ram-bytes", str(64 << 20)],
-        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert any("listening on" in line for line in proc.stdout)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    err = proc.stderr.read()
+    err = _stderr_once_listening("--config", str(config), "--ram-bytes", str(64 << 20))
     assert "keying secret is a placeholder" in err
     assert "store.disk_bytes (1000TiB) is more than the free space" in err
 
