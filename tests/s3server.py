@@ -43,6 +43,9 @@ HOST = "127.0.0.1"
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 """Each gets an HTTP port p and a gRPC port p + 10000."""
 GRPC_OFFSET = 10000
+# One volume per new collection (bucket) instead of weed's 7 (master.toml `[master.volume_growth] copy_1`, read from
+# WEED_-prefixed environment variables): tests make many small buckets.
+GROWTH_ENV = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
 _PORT_RANGE = (12000, 22000)  # p and p + 10000 both stay below the ephemeral range (32768+) that port 0 hands out
 _BIND_ERROR = re.compile(
     r"Port allocation failed: port (\d+) for \w+ .*is not available|listen tcp [\d.]*:(\d+): bind: address already in use"
@@ -177,6 +180,10 @@ class SeaweedFS:
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + GRPC_OFFSET}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
             "-master.telemetry=false",
+            # Every bucket is a collection that takes volumes of its own; weed's default is as many as the free
+            # disk holds at 1 GiB each (about 70 here) and grows 7 per collection, so a suite's 10th-odd written
+            # bucket got "no free volumes left" (PutObject InternalError 500). Volumes are sparse files.
+            "-volume.max=5000",
             f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}",
         ]  # fmt: skip
 
@@ -217,7 +224,7 @@ class SeaweedFS:
         with open(self._log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self._proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.root, start_new_session=True,
+                cwd=self.root, start_new_session=True, env={**os.environ, **GROWTH_ENV},
             )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_s
         client = self.endpoint.client(
