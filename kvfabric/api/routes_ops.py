@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.encoders import jsonable_encoder
@@ -21,8 +21,10 @@ from kvfabric.api.schemas import (
     TiersOut,
 )
 from kvfabric.api.storeview import DiskTierState, ObjectTierState, live_tier_states
-from kvfabric.codec import Codec
 from kvfabric.ids import TierId
+
+if TYPE_CHECKING:
+    from kvfabric.store.disk.recovery import RecoveryReport
 
 router = APIRouter(prefix="/v1", tags=["operations"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
@@ -45,17 +47,12 @@ def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
     nearest = ctx.store.tiers[0]  # RAM: every put lands there first
     out = []
     for tier, caps in ctx.store.tier_capabilities().items():
-        if caps.shared and config.object is not None:
-            codec = Codec.parse(config.object.codec)
-        elif caps.persistent:
-            codec = Codec.parse(config.disk_codec)
-        else:
-            codec = Codec.RAW
+        info = ctx.store.tier(tier).info()
         out.append(
             TierConfigOut(
                 tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
-                codec=codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
-                recovery=_recovery(ctx.store.tier(tier)),
+                codec=info.codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
+                recovery=_recovery(info.recovery),
                 disk_state=_disk_out(disk_states.get(tier)), object_state=_object_out(object_states.get(tier)),
             )
         )  # fmt: skip
@@ -83,9 +80,8 @@ def _object_out(o: ObjectTierState | None) -> ObjectStateOut | None:
     )  # fmt: skip
 
 
-def _recovery(tier: object) -> RecoveryOut | None:
-    """The tier's recovery report at open (the disk tier keeps one as ``recovery``), if it has one."""
-    r = getattr(tier, "recovery", None)
+def _recovery(r: RecoveryReport | None) -> RecoveryOut | None:
+    """The tier's recovery report at open (the disk tier's), if it has one."""
     if r is None:
         return None
     return RecoveryOut(

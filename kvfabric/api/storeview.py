@@ -153,19 +153,15 @@ def live_tier_states(store: TieredStore) -> tuple[tuple[DiskTierState, ...], tup
     disks: list[DiskTierState] = []
     objects: list[ObjectTierState] = []
     for tier_id in store.tiers:
-        tier = store.tier(tier_id)
-        disk_state = getattr(tier, "disk_state", None)
-        if callable(disk_state):
-            d = disk_state()
+        info = store.tier(tier_id).info()
+        if (d := info.disk) is not None:
             disks.append(
                 DiskTierState(
                     str(tier_id), d.full, d.reason, d.full_since, d.free_bytes, d.resume_free_bytes,
                     d.reserve_bytes, d.reserve_held, d.full_episodes, d.refused_puts, d.index_reopens,
                 )
             )  # fmt: skip
-        object_stats = getattr(tier, "object_stats", None)
-        if callable(object_stats):
-            o = object_stats()
+        if (o := info.objects) is not None:
             objects.append(
                 ObjectTierState(
                     str(tier_id), o.uploaded_blocks, o.pending_blocks, o.backlog_bytes, o.backlog_items, o.uploads,

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from kvfabric.codec import Codec
 from kvfabric.events import BlockRemoved, BlockStored, EventSink, KVEvent
 from kvfabric.ids import BlockKey, Namespace, TierId
 from kvfabric.record import Block, BlockMeta
+
+if TYPE_CHECKING:  # the tiers' own report types; they import this module, so only the type checker follows back
+    from kvfabric.store.disk.recovery import RecoveryReport
+    from kvfabric.store.disk.tier import DiskState
+    from kvfabric.store.object.tier import ObjectTierStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +37,26 @@ class TierCapabilities:
     """``get`` returns a view of the tier's own memory rather than a copy."""
     evicts: bool = False
     """The tier drops blocks by itself when full (a cache), rather than refusing writes."""
+    compacts: bool = False
+    """``compact`` reclaims space (the disk tier rewrites segments); otherwise it does nothing."""
+    buffers_writes: bool = False
+    """``put`` may return before the block reaches the tier's backing store; ``flush`` sends it (object segments)."""
+    background: bool = False
+    """``start`` starts the tier's own background work (the object uploader); otherwise it does nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierInfo:
+    """What a tier reports about itself beyond its counters: the fields a tier has nothing to say about are None."""
+
+    codec: Codec = Codec.RAW
+    """How the tier stores payloads."""
+    recovery: RecoveryReport | None = None
+    """What opening the tier found and repaired (the disk tier)."""
+    disk: DiskState | None = None
+    """The filesystem's space state and the reserve (the disk tier)."""
+    objects: ObjectTierStats | None = None
+    """Upload backlog, uploads and outages (the object tier)."""
 
 
 @dataclass(slots=True)
@@ -53,7 +80,9 @@ class Tier(ABC):
     """Abstract storage tier keyed by :class:`~kvfabric.ids.BlockKey`.
 
     Implement ``put``, ``get``, ``head``, ``delete``, ``keys`` and ``close``; the batch forms, ``contains`` and
-    ``get_into`` have correct defaults built from them that a tier overrides where it can do better.
+    ``get_into`` have correct defaults built from them that a tier overrides where it can do better. The optional
+    operations (``start``, ``flush``, ``compact``) do nothing by default; a tier that gives one meaning says so in
+    its :class:`TierCapabilities`, and ``info`` tells what the tier is beyond its counters. Callers never probe.
     """
 
     tier_id: TierId
@@ -125,8 +154,24 @@ class Tier(ABC):
 
     def stats(self) -> TierStats:
         """A snapshot of this tier's counters."""
-        s = self._stats
-        return TierStats(**{f: getattr(s, f) for f in TierStats.__dataclass_fields__})
+        return replace(self._stats)
+
+    # --- optional operations: no-ops unless the capabilities say otherwise -------------------------------------
+    def start(self) -> None:
+        """Start the tier's background work (``capabilities.background``). Idempotent."""
+
+    def flush(self) -> None:
+        """Send what ``put`` accepted but has not written to the backing store yet (``capabilities.buffers_writes``).
+        Raises the tier's error when that is impossible now; what failed stays for the next flush."""
+
+    def compact(self) -> object | None:
+        """Reclaim space held by deleted blocks (``capabilities.compacts``); the tier's report, ``None`` if it has
+        nothing to compact."""
+        return None
+
+    def info(self) -> TierInfo:
+        """The codec and the reports this tier keeps (recovery at open, space state, upload backlog)."""
+        return TierInfo()
 
     def __enter__(self) -> Tier:
         return self

@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from kvfabric.codec import Codec
 from kvfabric.errors import (
@@ -56,6 +57,9 @@ from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
 from kvfabric.store.tier import Tier, TierCapabilities, TierStats
+
+if TYPE_CHECKING:
+    from kvfabric.store.object.tier import ObjectTierStats
 
 N_STRIPES = 64
 FLUSH_BATCH = 64
@@ -460,9 +464,8 @@ class TieredStore:
         self._check_open()
         results: dict[TierId, object] = {}
         for tier in self._lower:
-            compact = getattr(tier, "compact", None)
-            if callable(compact):
-                results[tier.tier_id] = compact()
+            if tier.capabilities.compacts:
+                results[tier.tier_id] = tier.compact()
         return results
 
     def flush(self) -> None:
@@ -472,11 +475,8 @@ class TieredStore:
         self._check_open()
         error = self._drain(self._ram.version)
         for tier in self._lower:
-            tier_flush = getattr(tier, "flush", None)  # tiers that buffer writes themselves (object segments)
-            if not callable(tier_flush):
-                continue
             try:
-                tier_flush()
+                tier.flush()  # a no-op for tiers that do not buffer writes themselves
             except KVFabricError as exc:
                 self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
                 error = error or exc
@@ -490,9 +490,7 @@ class TieredStore:
         if self._flusher is not None:
             return
         for tier in self._lower:
-            start = getattr(tier, "start", None)  # tiers with their own background work (the object uploader)
-            if callable(start):
-                start()
+            tier.start()  # a no-op for tiers without background work of their own
         self._flusher = threading.Thread(target=self._background, name="kvfabric-store-flusher", daemon=True)
         self._flusher.start()
 
@@ -570,12 +568,13 @@ class TieredStore:
         """Outage events a shared tier absorbs itself and never raises to the store: uploads that failed in its
         background uploader, reads it answered as misses because the store was down (the object tier)."""
         total = 0
-        for tier in self._lower:
-            object_stats = getattr(tier, "object_stats", None)
-            if callable(object_stats):
-                s = object_stats()
-                total += s.upload_failures + s.unavailable_misses
+        for objects in self._object_reports():
+            total += objects.upload_failures + objects.unavailable_misses
         return total
+
+    def _object_reports(self) -> list[ObjectTierStats]:
+        """The upload reports of the tiers that upload in the background (``capabilities.buffers_writes``)."""
+        return [o for t in self._lower if t.capabilities.buffers_writes and (o := t.info().objects) is not None]
 
     @property
     def tiers(self) -> list[TierId]:
@@ -587,12 +586,7 @@ class TieredStore:
 
     def upload_backlog_bytes(self) -> int:
         """Bytes accepted by tiers that upload in the background (the object tier) and not uploaded yet."""
-        total = 0
-        for tier in self._lower:
-            object_stats = getattr(tier, "object_stats", None)
-            if callable(object_stats):
-                total += object_stats().backlog_bytes
-        return total
+        return sum(o.backlog_bytes for o in self._object_reports())
 
     def set_namespace_policy(self, namespace: Namespace, policy: NamespacePolicy | None) -> None:
         """Replace ``namespace``'s TTL and quota at runtime (``None``: back to the default, ``"*"``'s). Applies from
@@ -697,9 +691,7 @@ class TieredStore:
         it so the space is really reclaimed."""
         capacity = tier.stats().capacity_bytes or 0
         self.evict(tier.tier_id, max(nbytes, capacity // ROOM_FRACTION))
-        compact = getattr(tier, "compact", None)
-        if callable(compact):
-            compact()
+        tier.compact()  # a no-op for tiers that cannot
         self._count("room_made")
 
     def _write(self, block: Block) -> None:

@@ -61,7 +61,7 @@ from kvfabric.store.disk.segment import (
     read_into,
     write_record,
 )
-from kvfabric.store.tier import Tier, TierCapabilities
+from kvfabric.store.tier import Tier, TierCapabilities, TierInfo
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
 HEADER_CACHE_ENTRIES = 16384
@@ -148,7 +148,7 @@ class _Slot:
 class DiskTier(Tier):
     """The NVMe tier. Persistent; refuses writes when full (``TierFullError``) rather than evicting."""
 
-    capabilities = TierCapabilities(persistent=True)
+    capabilities = TierCapabilities(persistent=True, compacts=True)
 
     def __init__(
         self,
@@ -446,6 +446,9 @@ class DiskTier(Tier):
         except DiskFullError as exc:
             return str(exc)
         return None
+
+    def info(self) -> TierInfo:
+        return TierInfo(codec=self.codec, recovery=self.recovery, disk=self.disk_state())
 
     def disk_state(self) -> DiskState:
         condition = self.condition()

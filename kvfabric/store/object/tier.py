@@ -56,7 +56,7 @@ from kvfabric.store.object.manifest import (
 from kvfabric.store.object.outage import OutageGate
 from kvfabric.store.object.rebuild import Located, resolve
 from kvfabric.store.object.s3 import ObjectStore
-from kvfabric.store.tier import Tier, TierCapabilities
+from kvfabric.store.tier import Tier, TierCapabilities, TierInfo
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ObjectTierStats:
 
 
 class ObjectTier(Tier):
-    capabilities = TierCapabilities(persistent=True, shared=True)
+    capabilities = TierCapabilities(persistent=True, shared=True, buffers_writes=True, background=True)
 
     def __init__(
         self,
@@ -825,6 +825,9 @@ class ObjectTier(Tier):
             return bool(self._index) or bool(self._segment_live)
 
     # --- stats -----------------------------------------------------------------------------------------------------
+    def info(self) -> TierInfo:
+        return TierInfo(codec=self.config.codec, objects=self.object_stats())
+
     def object_stats(self) -> ObjectTierStats:
         """A snapshot of the object-tier counters (backlog, uploads, outages, GC)."""
         with self._lock:
