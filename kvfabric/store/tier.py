@@ -37,6 +37,9 @@ class TierCapabilities:
     """``get`` returns a view of the tier's own memory rather than a copy."""
     evicts: bool = False
     """The tier drops blocks by itself when full (a cache), rather than refusing writes."""
+    verifies_reads: bool = False
+    """Reads check the stored checksum, so a block changed behind the tier's back is a counted miss (the disk and
+    object tiers; the RAM arena is process memory and keeps no checksum)."""
     compacts: bool = False
     """``compact`` reclaims space (the disk tier rewrites segments); otherwise it does nothing."""
     buffers_writes: bool = False

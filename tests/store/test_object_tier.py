@@ -17,10 +17,11 @@ from kvfabric.ids import BlockKey
 from kvfabric.record import BlockMeta, decode_header, encode_record
 from kvfabric.store.object import ObjectTier, ObjectTierConfig, SegmentEntry
 from kvfabric.store.object.tier import ALIGN
+from kvfabric.store.tier import Tier
 from tests.blocks import make_block, make_chain
 from tests.s3server import SeaweedFS
 from tests.store.object_helpers import object_config, open_tier
-from tests.store.tier_suite import TierSuite, same
+from tests.store.tier_suite import Corrupt, TierSuite, same
 
 MODES = {
     # every put is its own committed segment: every read is a ranged GET
@@ -33,6 +34,8 @@ MODES = {
 
 
 class TestObjectTier(TierSuite):
+    REPORTS = frozenset({"objects"})
+
     @pytest.fixture(params=list(MODES))
     def config(self, request: pytest.FixtureRequest, s3_server: SeaweedFS) -> ObjectTierConfig:
         return object_config(s3_server, s3_server.create_bucket(), **MODES[request.param])
@@ -46,6 +49,21 @@ class TestObjectTier(TierSuite):
     @pytest.fixture
     def reopen(self, s3_server: SeaweedFS, config: ObjectTierConfig) -> Callable[[], ObjectTier]:
         return lambda: open_tier(s3_server, config)
+
+    @pytest.fixture
+    def corrupt(self, s3_server: SeaweedFS) -> Corrupt:
+        def flip(tier: Tier, key: BlockKey) -> None:
+            """Change the last stored payload byte of ``key``'s record in its segment object, behind the tier."""
+            assert isinstance(tier, ObjectTier)
+            loc = tier.locate(key)
+            assert loc is not None, f"{key} is not uploaded"
+            client = s3_server.client()
+            bucket = tier.config.bucket
+            data = bytearray(client.get_object(Bucket=bucket, Key=loc.object_key)["Body"].read())  # type: ignore[attr-defined]
+            data[loc.offset + loc.record_len - 1] ^= 0xFF
+            client.put_object(Bucket=bucket, Key=loc.object_key, Body=bytes(data))  # type: ignore[attr-defined]
+
+        return flip
 
 
 @pytest.fixture

@@ -148,7 +148,7 @@ class _Slot:
 class DiskTier(Tier):
     """The NVMe tier. Persistent; refuses writes when full (``TierFullError``) rather than evicting."""
 
-    capabilities = TierCapabilities(persistent=True, compacts=True)
+    capabilities = TierCapabilities(persistent=True, verifies_reads=True, compacts=True)
 
     def __init__(
         self,

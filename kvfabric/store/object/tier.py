@@ -124,7 +124,9 @@ class ObjectTierStats:
 
 
 class ObjectTier(Tier):
-    capabilities = TierCapabilities(persistent=True, shared=True, buffers_writes=True, background=True)
+    capabilities = TierCapabilities(
+        persistent=True, shared=True, verifies_reads=True, buffers_writes=True, background=True
+    )
 
     def __init__(
         self,
@@ -413,6 +415,7 @@ class ObjectTier(Tier):
     # --- reads -----------------------------------------------------------------------------------------------------
     def head(self, key: BlockKey) -> BlockMeta | None:
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
         return located.entry.meta if located is not None else None
 
@@ -433,6 +436,7 @@ class ObjectTier(Tier):
     def _lookup(self, key: BlockKey) -> tuple[Located | None, bytes | None]:
         """The key's location and, if its segment is still in memory, a copy of its record."""
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
             if located is None:
                 self._stats.misses += 1
@@ -483,6 +487,7 @@ class ObjectTier(Tier):
         On a miss ``out`` may have been partly written. Compressed records and blocks still in memory go through
         :meth:`get` and a copy."""
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
             in_memory = located is not None and located.segment_id in self._pending
         if located is None or in_memory or located.entry.payload_len != located.entry.meta.nbytes:
