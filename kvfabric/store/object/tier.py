@@ -19,9 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Protocol
 
 import boto3
 
@@ -77,17 +76,6 @@ class ObjectLocation:
     object_key: str
     offset: int
     record_len: int
-
-
-class SealedRecord(Protocol):
-    """What ``upload_segment_file`` needs to know of each record: our :class:`SegmentEntry` or the disk tier's."""
-
-    key: BlockKey
-    offset: int
-    record_len: int
-    header_len: int
-    checksum: int
-    meta: BlockMeta
 
 
 @dataclass(slots=True)
@@ -340,9 +328,9 @@ class ObjectTier(Tier):
         self._backlog.push_segment(seg)
         self._work.notify_all()
 
-    def upload_segment_file(self, path: str | Path, entries: Sequence[SealedRecord]) -> str:
+    def upload_segment_file(self, path: str | Path, entries: Sequence[SegmentEntry]) -> str:
         """Upload a sealed segment file (e.g. the disk tier's) as-is, then its manifest built from ``entries``
-        (:class:`SegmentEntry` or the disk tier's entries, which have the same fields).
+        (the disk tier lists a sealed segment's entries in this same type).
 
         Synchronous: returns the new segment id once both objects are in the store; the blocks are then served by
         this tier. Raises ``TierUnavailableError``/``StoreError`` if the upload fails (nothing changes then).
@@ -856,12 +844,9 @@ def _object_id(object_key: str) -> str:
     return object_key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def _as_entry(sealed: SealedRecord, stamp: int) -> SegmentEntry:
-    """One of ours from anything shaped like it (the disk tier's entries), stamped now unless it carries a stamp."""
-    stored_ns = getattr(sealed, "stored_ns", 0) or stamp
-    return SegmentEntry(
-        sealed.key, sealed.offset, sealed.record_len, sealed.header_len, sealed.checksum, sealed.meta, stored_ns
-    )
+def _as_entry(sealed: SegmentEntry, stamp: int) -> SegmentEntry:
+    """``sealed`` stamped now unless it carries a stamp (the disk tier's entries do not)."""
+    return sealed if sealed.stored_ns else replace(sealed, stored_ns=stamp)
 
 
 def _check_header_matches(header: RecordHeader, key: BlockKey, entry: SegmentEntry) -> None:
