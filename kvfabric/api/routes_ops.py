@@ -20,11 +20,12 @@ from kvfabric.api.schemas import (
     TierConfigOut,
     TiersOut,
 )
-from kvfabric.api.storeview import DiskTierState, ObjectTierState, live_tier_states
 from kvfabric.ids import TierId
 
 if TYPE_CHECKING:
     from kvfabric.store.disk.recovery import RecoveryReport
+    from kvfabric.store.disk.tier import DiskState
+    from kvfabric.store.object.tier import ObjectTierStats
 
 router = APIRouter(prefix="/v1", tags=["operations"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
@@ -41,9 +42,6 @@ NodeReader = Annotated[Principal, Depends(require("read", node_wide=True))]
 def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
     config = ctx.store.config
     stats = ctx.store.tier_stats()
-    disks, objects = live_tier_states(ctx.store)
-    disk_states = {d.tier: d for d in disks}
-    object_states = {o.tier: o for o in objects}
     nearest = ctx.store.tiers[0]  # RAM: every put lands there first
     out = []
     for tier, caps in ctx.store.tier_capabilities().items():
@@ -53,23 +51,17 @@ def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
                 tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
                 codec=info.codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
                 recovery=_recovery(info.recovery),
-                disk_state=_disk_out(disk_states.get(tier)), object_state=_object_out(object_states.get(tier)),
+                disk_state=_disk_out(info.disk), object_state=_object_out(info.objects),
             )
         )  # fmt: skip
     return TiersOut(tiers=out)
 
 
-def _disk_out(d: DiskTierState | None) -> DiskStateOut | None:
-    if d is None:
-        return None
-    return DiskStateOut(
-        full=d.full, reason=d.reason, full_since=d.full_since, free_bytes=d.free_bytes,
-        resume_free_bytes=d.resume_free_bytes, reserve_bytes=d.reserve_bytes, reserve_held=d.reserve_held,
-        full_episodes=d.full_episodes, refused_puts=d.refused_puts, index_reopens=d.index_reopens,
-    )  # fmt: skip
+def _disk_out(d: DiskState | None) -> DiskStateOut | None:
+    return None if d is None else DiskStateOut.model_validate(d, from_attributes=True)
 
 
-def _object_out(o: ObjectTierState | None) -> ObjectStateOut | None:
+def _object_out(o: ObjectTierStats | None) -> ObjectStateOut | None:
     if o is None:
         return None
     return ObjectStateOut(

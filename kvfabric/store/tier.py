@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvfabric.codec import Codec
+from kvfabric.store.counters import stat
 from kvfabric.events import BlockRemoved, BlockStored, EventSink, KVEvent
 from kvfabric.ids import BlockKey, Namespace, TierId
 from kvfabric.record import Block, BlockMeta
@@ -66,17 +67,26 @@ class TierInfo:
 class TierStats:
     """Counters of one tier; ``bytes`` counts stored (possibly compressed) payload bytes."""
 
-    blocks: int = 0
-    bytes: int = 0
-    capacity_bytes: int | None = None
-    hits: int = 0
-    misses: int = 0
-    corrupt: int = 0
-    puts: int = 0
-    deletes: int = 0
-    evictions: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
+    blocks: int = stat(
+        "Blocks held by the tier (object tier: uploaded plus pending upload, see kvfabric_object_*_blocks).",
+        metric="kvfabric_tier_blocks", kind="gauge",
+    )  # fmt: skip
+    bytes: int = stat("Payload bytes held by the tier.", metric="kvfabric_tier_stored_bytes", kind="gauge")
+    capacity_bytes: int | None = stat(
+        "Capacity of the tier.", metric="kvfabric_tier_capacity_bytes", kind="gauge", default=None
+    )
+    hits: int = stat(
+        "Client reads served by the tier (the store's internal reads not counted).", metric="kvfabric_tier_hits"
+    )
+    misses: int = stat("Client reads asked of the tier that it could not serve.", metric="kvfabric_tier_misses")
+    corrupt: int = stat(
+        "Blocks whose checksum failed on read (dropped, never served).", metric="kvfabric_tier_corrupt_blocks"
+    )
+    puts: int = stat("Blocks written to the tier.", metric="kvfabric_tier_puts")
+    deletes: int = stat("Blocks deleted from the tier.", metric="kvfabric_tier_deletes")
+    evictions: int = stat("Blocks evicted from the tier for space.", metric="kvfabric_tier_evictions")
+    bytes_read: int = stat("Payload bytes read from the tier.", metric="kvfabric_tier_read_bytes")
+    bytes_written: int = stat("Payload bytes written to the tier.", metric="kvfabric_tier_written_bytes")
 
 
 class Tier(ABC):

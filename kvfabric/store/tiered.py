@@ -53,6 +53,7 @@ from kvfabric.record import Block, BlockMeta, decode_record
 from kvfabric.spec import ModelSpec
 from kvfabric.store.catalog import Catalog, NamespaceStats
 from kvfabric.store.config import WRITE_THROUGH, NamespacePolicy, StoreConfig
+from kvfabric.store.counters import StoreStats
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
@@ -75,37 +76,6 @@ class _LowerTierFull(Exception):
         super().__init__(str(error))
         self.tier = tier
         self.error = error
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Store-level counters (the tiers count their own in ``tier_stats``)."""
-
-    promotions: int
-    promotions_refused: int
-    demotions: int
-    expired: int
-    quota_evictions: int
-    writeback_pending: dict[TierId, int]
-    writeback_dropped: int
-    flush_errors: int
-    unavailable: int
-    room_made: int
-    last_flush_error: str | None
-
-
-@dataclass(slots=True)
-class _Counters:
-    promotions: int = 0
-    promotions_refused: int = 0  # the RAM policy did not admit a block read from below
-    demotions: int = 0  # evicted dirty blocks written down synchronously
-    expired: int = 0
-    quota_evictions: int = 0
-    writeback_dropped: int = 0  # queued copies skipped: backlog overflow, or no source left to copy from
-    flush_errors: int = 0
-    unavailable: int = 0  # reads/writes a shared tier could not serve (degraded to a miss / a queued write)
-    room_made: int = 0  # times a full lower tier (disk) was evicted and compacted to take a write
-    last_flush_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -141,7 +111,7 @@ class TieredStore:
         self._stripes = [threading.Lock() for _ in range(N_STRIPES)]
         self._catalog = Catalog()
         self._backlog: dict[TierId, OrderedDict[BlockKey, None]] = {t.tier_id: OrderedDict() for t in self._lower}
-        self._counters = _Counters()
+        self._counters = StoreStats()
         self._reads = {t.tier_id: _Reads() for t in self._tiers}
         self._models = ModelRegistry(config.data_dir)
         self._pins = PinRegistry(config.data_dir)
@@ -558,11 +528,7 @@ class TieredStore:
             for tier_id, queue in self._backlog.items():
                 pending[tier_id] += len(queue)
             c = replace(self._counters)
-        return StoreStats(
-            c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
-            c.writeback_dropped, c.flush_errors, c.unavailable + self._unavailable_inside_tiers(), c.room_made,
-            c.last_flush_error,
-        )  # fmt: skip
+        return replace(c, writeback_pending=pending, unavailable=c.unavailable + self._unavailable_inside_tiers())
 
     def _unavailable_inside_tiers(self) -> int:
         """Outage events a shared tier absorbs itself and never raises to the store: uploads that failed in its
