@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvfabric.codec import Codec
-from kvfabric.store.counters import stat
 from kvfabric.events import BlockRemoved, BlockStored, EventSink, KVEvent
 from kvfabric.ids import BlockKey, Namespace, TierId
 from kvfabric.record import Block, BlockMeta
+from kvfabric.store.counters import stat
 
 if TYPE_CHECKING:  # the tiers' own report types; they import this module, so only the type checker follows back
     from kvfabric.store.disk.recovery import RecoveryReport
@@ -89,6 +89,15 @@ class TierStats:
     bytes_written: int = stat("Payload bytes written to the tier.", metric="kvfabric_tier_written_bytes")
 
 
+def copy_payload(block: Block, out: memoryview) -> BlockMeta:
+    """Copy ``block``'s payload into ``out``, which must be exactly ``meta.nbytes`` long; the block's meta."""
+    dst = memoryview(out).cast("B")
+    if len(dst) != block.meta.nbytes:
+        raise ValueError(f"destination is {len(dst)} bytes, block {block.key} needs {block.meta.nbytes}")
+    dst[:] = memoryview(block.payload).cast("B")
+    return block.meta
+
+
 class Tier(ABC):
     """Abstract storage tier keyed by :class:`~kvfabric.ids.BlockKey`.
 
@@ -140,13 +149,7 @@ class Tier(ABC):
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
         """Copy the block's raw payload into ``out`` (exactly ``meta.nbytes`` long); ``None`` on a miss."""
         block = self.get(key)
-        if block is None:
-            return None
-        dst = memoryview(out).cast("B")
-        if len(dst) != block.meta.nbytes:
-            raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {block.meta.nbytes}")
-        dst[:] = memoryview(block.payload).cast("B")
-        return block.meta
+        return None if block is None else copy_payload(block, out)
 
     def put_many(self, blocks: Iterable[Block]) -> None:
         for block in blocks:

@@ -57,7 +57,7 @@ from kvfabric.store.counters import StoreStats
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
-from kvfabric.store.tier import Tier, TierCapabilities, TierStats
+from kvfabric.store.tier import Tier, TierCapabilities, TierStats, copy_payload
 
 if TYPE_CHECKING:
     from kvfabric.store.object.tier import ObjectTierStats
@@ -247,13 +247,7 @@ class TieredStore:
             return meta
         self._count_read(self._ram, hit=False)
         block = self._get_below(key)
-        if block is None:
-            return None
-        dst = memoryview(out).cast("B")
-        if len(dst) != block.meta.nbytes:
-            raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {block.meta.nbytes}")
-        dst[:] = memoryview(block.payload).cast("B")
-        return block.meta
+        return None if block is None else copy_payload(block, out)
 
     def head(self, key: BlockKey) -> tuple[BlockMeta, TierId] | None:
         """The block's meta and the nearest tier holding it, without reading the payload."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 
@@ -58,6 +59,7 @@ from kvfabric.store.object.s3 import ObjectStore
 from kvfabric.store.tier import Tier, TierCapabilities, TierInfo
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ALIGN = 4096
 """Records start at multiples of this inside a segment object (as on disk, so O_DIRECT/GDS can read in place)."""
@@ -440,19 +442,28 @@ class ObjectTier(Tier):
         if located is None:
             return None
         if record is None:
-            if not self._may_read():
-                return None
-            try:
-                record = self._store.get_range(self._object_key(SEGMENTS, located.segment_id),
-                                               located.entry.offset, located.entry.record_len)  # fmt: skip
-            except StoreError as exc:
-                self._read_failed(exc, 1)
-                return None
-            self._gate.succeeded()
+            object_key = self._object_key(SEGMENTS, located.segment_id)
+            record = self._read_remote(
+                key, located, lambda: self._store.get_range(object_key, located.entry.offset, located.entry.record_len)
+            )
             if record is None:
-                self._lost(key, located, corrupt=False)
                 return None
         return self._checked(key, located, record)
+
+    def _read_remote(self, key: BlockKey, located: Located, read: Callable[[], _T | None]) -> _T | None:
+        """``read()`` from the store through the outage gate; ``None`` when the store is down (counted) or the
+        object is gone (then the block is lost: dropped and announced)."""
+        if not self._may_read():
+            return None
+        try:
+            got = read()
+        except StoreError as exc:
+            self._read_failed(exc, 1)
+            return None
+        self._gate.succeeded()
+        if got is None:
+            self._lost(key, located, corrupt=False)
+        return got
 
     def _checked(self, key: BlockKey, located: Located, record: bytes | memoryview) -> Block | None:
         """The verified block, or ``None`` (counted, dropped, announced) when the bytes cannot be trusted."""
@@ -483,20 +494,13 @@ class ObjectTier(Tier):
         dst = memoryview(out).cast("B")
         if len(dst) != located.entry.meta.nbytes:
             raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {located.entry.meta.nbytes}")
-        if not self._may_read():
-            return None
         e = located.entry
         header_buf = bytearray(e.header_len)
-        try:
-            got = self._store.read_range_into(
-                self._object_key(SEGMENTS, located.segment_id), e.offset, [memoryview(header_buf), dst]
-            )
-        except StoreError as exc:
-            self._read_failed(exc, 1)
-            return None
-        self._gate.succeeded()
+        object_key = self._object_key(SEGMENTS, located.segment_id)
+        got = self._read_remote(
+            key, located, lambda: self._store.read_range_into(object_key, e.offset, [memoryview(header_buf), dst])
+        )
         if got is None:
-            self._lost(key, located, corrupt=False)
             return None
         try:
             if got < e.record_len:
