@@ -103,13 +103,7 @@ def _point_out(p: HistoryPoint) -> HistoryPointOut:
     return HistoryPointOut(
         time=p.time, interval_s=p.interval_s, hit_rate=p.hit_rate, read_bytes_per_s=p.read_bytes_per_s,
         write_bytes_per_s=p.write_bytes_per_s, upload_backlog_bytes=p.upload_backlog_bytes,
-        tiers=[
-            TierRatesOut(
-                tier=t.tier, bytes=t.bytes, capacity_bytes=t.capacity_bytes, hits=t.hits, misses=t.misses,
-                hit_rate=t.hit_rate, read_bytes_per_s=t.read_bytes_per_s, write_bytes_per_s=t.write_bytes_per_s,
-            )
-            for t in p.tiers
-        ],
+        tiers=[TierRatesOut.model_validate(t, from_attributes=True) for t in p.tiers],
     )  # fmt: skip
 
 

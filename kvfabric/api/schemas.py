@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
+from kvfabric.api.history import TierRates
 from kvfabric.config import parse_size
 from kvfabric.store.counters import StoreStats, published
 from kvfabric.store.tier import TierStats
@@ -42,14 +44,16 @@ def model_of(
     after: Mapping[str, Sequence[tuple[str, Any]]] = {},
     last: Sequence[tuple[str, Any]] = (),
     doc: str | None = None,
+    every_field: bool = False,
 ) -> type[BaseModel]:
-    """A response model whose fields are the published fields of a store statistics dataclass (``stat(...)``), in
-    their order and with their help as description, plus ``first``/``after`` a field/``last`` derived ones. Built
-    with ``from_attributes``, so ``model_validate(record_instance, from_attributes=True)`` fills it."""
+    """A response model whose fields are the published fields of a store statistics dataclass (``stat(...)``), or
+    with ``every_field`` all of a plain dataclass's, in their order and with their help as description, plus
+    ``first``/``after`` a field/``last`` derived ones. Built with ``from_attributes``, so
+    ``model_validate(record_instance, from_attributes=True)`` fills it."""
     hints = get_type_hints(record)
     spec: dict[str, Any] = dict(first)
-    for f in published(record):
-        spec[f.name] = (hints[f.name], Field(description=f.metadata["help"]))
+    for f in fields(record) if every_field else published(record):
+        spec[f.name] = (hints[f.name], Field(description=f.metadata.get("help")))
         spec.update(after.get(f.name, ()))
     spec.update(last)
     return create_model(name, __config__=ConfigDict(from_attributes=True), __doc__=doc, **spec)  # fmt: skip
@@ -120,15 +124,7 @@ class StatsOut(BaseModel):
     store: StoreCountersOut | None
 
 
-class TierRatesOut(BaseModel):
-    tier: str
-    bytes: int
-    capacity_bytes: int | None
-    hits: int
-    misses: int
-    hit_rate: float | None
-    read_bytes_per_s: float
-    write_bytes_per_s: float
+TierRatesOut = model_of("TierRatesOut", TierRates, every_field=True, doc="What one tier did over one interval.")
 
 
 class HistoryPointOut(BaseModel):
