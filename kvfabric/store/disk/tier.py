@@ -61,7 +61,7 @@ from kvfabric.store.disk.segment import (
     read_into,
     write_record,
 )
-from kvfabric.store.tier import Tier, TierCapabilities, TierInfo
+from kvfabric.store.tier import Tier, TierCapabilities, TierInfo, copy_payload
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
 HEADER_CACHE_ENTRIES = 16384
@@ -304,10 +304,7 @@ class DiskTier(Tier):
             self._release(seg, entry.record_len if ok else 0, hit=ok)
         if head is not None and not in_place:  # compressed: decode through a temporary, then copy
             block = self.get(key)
-            if block is None:
-                return None
-            dst[:] = memoryview(block.payload).cast("B")
-            return block.meta
+            return None if block is None else copy_payload(block, dst)
         if not ok or head is None:
             self._drop_corrupt(kb, entry)
             return None
