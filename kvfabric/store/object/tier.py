@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -828,8 +828,7 @@ class ObjectTier(Tier):
     def object_stats(self) -> ObjectTierStats:
         """A snapshot of the object-tier counters (backlog, uploads, outages, GC)."""
         with self._lock:
-            s = self._ostats
-            snap = ObjectTierStats(**{f.name: getattr(s, f.name) for f in fields(ObjectTierStats)})
+            snap = replace(self._ostats)
             snap.backlog_bytes = self._backlog.nbytes + (self._open.nbytes if self._open is not None else 0)
             snap.backlog_items = len(self._backlog)
             snap.segments = len(self._segment_live)
