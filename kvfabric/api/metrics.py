@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvfabric.api.storeview import StoreSnapshot
+from kvfabric.store.counters import StoreStats, published
+from kvfabric.store.tier import TierStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -26,30 +28,15 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 """From a RAM hit (tens of microseconds) to a slow object-store GET (seconds)."""
 
-_TIER_COUNTERS = (
-    # (TierSnapshot field, metric base name, help)
-    ("hits", "kvfabric_tier_hits", "Client reads served by the tier (the store's internal reads not counted)."),
-    ("misses", "kvfabric_tier_misses", "Client reads asked of the tier that it could not serve."),
-    ("corrupt", "kvfabric_tier_corrupt_blocks", "Blocks whose checksum failed on read (dropped, never served)."),
-    ("puts", "kvfabric_tier_puts", "Blocks written to the tier."),
-    ("deletes", "kvfabric_tier_deletes", "Blocks deleted from the tier."),
-    ("evictions", "kvfabric_tier_evictions", "Blocks evicted from the tier for space."),
-    ("bytes_read", "kvfabric_tier_read_bytes", "Payload bytes read from the tier."),
-    ("bytes_written", "kvfabric_tier_written_bytes", "Payload bytes written to the tier."),
-)
+_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
 
 
-_STORE_COUNTERS = (
-    ("promotions", "kvfabric_store_promotions", "Blocks copied up into RAM on a hit below."),
-    ("promotions_refused", "kvfabric_store_promotions_refused", "Hits below that RAM's policy did not admit."),
-    ("demotions", "kvfabric_store_demotions", "Blocks written down when RAM evicted them."),
-    ("expired", "kvfabric_store_expired_blocks", "Blocks dropped for their namespace's TTL."),
-    ("quota_evictions", "kvfabric_store_quota_evictions", "Blocks evicted to keep a namespace under its quota."),
-    ("writeback_dropped", "kvfabric_store_writeback_dropped", "Write-back copies skipped (backlog overflow)."),
-    ("flush_errors", "kvfabric_store_flush_errors", "Failed write-back flushes (retried later)."),
-    ("unavailable", "kvfabric_store_unavailable",
-     "Reads or writes a shared tier could not serve (its failed uploads and outage misses included)."),
-)
+def _families(record: type, labels: list[str]) -> dict[str, Metric]:
+    """One metric family per published field of a statistics dataclass (``kvfabric.store.counters.stat``)."""
+    return {
+        f.name: _FAMILIES[f.metadata["kind"]](f.metadata["metric"], f.metadata["help"], labels=labels)
+        for f in published(record)
+    }
 
 
 class StoreCollector:
@@ -64,25 +51,13 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         yield from _live_tier_families(snap)
-        blocks = GaugeMetricFamily(
-            "kvfabric_tier_blocks",
-            "Blocks held by the tier (object tier: uploaded plus pending upload, see kvfabric_object_*_blocks).",
-            labels=["tier"],
-        )
-        stored = GaugeMetricFamily("kvfabric_tier_stored_bytes", "Payload bytes held by the tier.", labels=["tier"])
-        capacity = GaugeMetricFamily("kvfabric_tier_capacity_bytes", "Capacity of the tier.", labels=["tier"])
-        counters = {field: CounterMetricFamily(name, help_, labels=["tier"]) for field, name, help_ in _TIER_COUNTERS}
+        tier_families = _families(TierStats, ["tier"])
         for tier in snap.tiers:
-            blocks.add_metric([tier.tier], tier.blocks)
-            stored.add_metric([tier.tier], tier.bytes)
-            if tier.capacity_bytes is not None:
-                capacity.add_metric([tier.tier], tier.capacity_bytes)
-            for field, family in counters.items():
-                family.add_metric([tier.tier], getattr(tier, field))
-        yield blocks
-        yield stored
-        yield capacity
-        yield from counters.values()
+            for name, family in tier_families.items():
+                value = getattr(tier, name)
+                if value is not None:  # a tier without a capacity has no capacity series
+                    family.add_metric([tier.tier], value)
+        yield from tier_families.values()
 
         ns_blocks = GaugeMetricFamily("kvfabric_namespace_blocks", "Blocks held per namespace.", labels=["namespace"])
         ns_bytes = GaugeMetricFamily(
@@ -112,9 +87,8 @@ class StoreCollector:
         for tier, n in sorted(snap.counters.writeback_pending.items()):
             pending.add_metric([tier], n)
         yield pending
-        for field, name, help_ in _STORE_COUNTERS:
-            family = CounterMetricFamily(name, help_)
-            family.add_metric([], getattr(snap.counters, field))
+        for name, family in _families(StoreStats, []).items():
+            family.add_metric([], getattr(snap.counters, name))
             yield family
 
 
@@ -131,12 +105,12 @@ def _live_tier_families(snap: StoreSnapshot) -> Iterator[Metric]:
     reopens = CounterMetricFamily(
         "kvfabric_disk_index_reopens", "RocksDB index reopens that cleared a sticky write error.", labels=["tier"]
     )
-    for d in snap.disk_tiers:
-        full.add_metric([d.tier], 1 if d.full else 0)
-        free.add_metric([d.tier], d.free_bytes)
-        episodes.add_metric([d.tier], d.full_episodes)
-        refused.add_metric([d.tier], d.refused_puts)
-        reopens.add_metric([d.tier], d.index_reopens)
+    for tier, d in snap.disk_tiers.items():
+        full.add_metric([tier], 1 if d.full else 0)
+        free.add_metric([tier], d.free_bytes)
+        episodes.add_metric([tier], d.full_episodes)
+        refused.add_metric([tier], d.refused_puts)
+        reopens.add_metric([tier], d.index_reopens)
     yield from (full, free, episodes, refused, reopens)
     uploaded = GaugeMetricFamily(
         "kvfabric_object_uploaded_blocks", "Blocks whose current copy is committed in the object store.",
@@ -148,20 +122,24 @@ def _live_tier_families(snap: StoreSnapshot) -> Iterator[Metric]:
     items = GaugeMetricFamily(
         "kvfabric_object_backlog_items", "Segments and tombstone lists waiting to upload.", labels=["tier"]
     )
-    up = GaugeMetricFamily("kvfabric_object_store_up", "1 while the object store answers, 0 while down.", labels=["tier"])
+    up = GaugeMetricFamily(
+        "kvfabric_object_store_up", "1 while the object store answers, 0 while down.", labels=["tier"]
+    )
     failures = CounterMetricFamily(
         "kvfabric_object_upload_failures", "Uploads to the object store that failed (retried later).", labels=["tier"]
     )
     misses = CounterMetricFamily(
-        "kvfabric_object_unavailable_misses", "Reads answered as misses because the object store was down.", labels=["tier"]
+        "kvfabric_object_unavailable_misses",
+        "Reads answered as misses because the object store was down.",
+        labels=["tier"],
     )
-    for o in snap.object_tiers:
-        uploaded.add_metric([o.tier], o.uploaded_blocks)
-        pending.add_metric([o.tier], o.pending_blocks)
-        items.add_metric([o.tier], o.backlog_items)
-        up.add_metric([o.tier], 0 if o.store_down else 1)
-        failures.add_metric([o.tier], o.upload_failures)
-        misses.add_metric([o.tier], o.unavailable_misses)
+    for tier, o in snap.object_tiers.items():
+        uploaded.add_metric([tier], o.uploaded_blocks)
+        pending.add_metric([tier], o.pending_blocks)
+        items.add_metric([tier], o.backlog_items)
+        up.add_metric([tier], 0 if o.store_down else 1)
+        failures.add_metric([tier], o.upload_failures)
+        misses.add_metric([tier], o.unavailable_misses)
     yield from (uploaded, pending, items, up, failures, misses)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.encoders import jsonable_encoder
@@ -20,9 +20,12 @@ from kvfabric.api.schemas import (
     TierConfigOut,
     TiersOut,
 )
-from kvfabric.api.storeview import DiskTierState, ObjectTierState, live_tier_states
-from kvfabric.codec import Codec
 from kvfabric.ids import TierId
+
+if TYPE_CHECKING:
+    from kvfabric.store.disk.recovery import RecoveryReport
+    from kvfabric.store.disk.tier import DiskState
+    from kvfabric.store.object.tier import ObjectTierStats
 
 router = APIRouter(prefix="/v1", tags=["operations"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 Ctx = Annotated[AdminContext, Depends(get_context)]
@@ -39,40 +42,26 @@ NodeReader = Annotated[Principal, Depends(require("read", node_wide=True))]
 def tiers(ctx: Ctx, _: NodeReader) -> TiersOut:
     config = ctx.store.config
     stats = ctx.store.tier_stats()
-    disks, objects = live_tier_states(ctx.store)
-    disk_states = {d.tier: d for d in disks}
-    object_states = {o.tier: o for o in objects}
     nearest = ctx.store.tiers[0]  # RAM: every put lands there first
     out = []
     for tier, caps in ctx.store.tier_capabilities().items():
-        if caps.shared and config.object is not None:
-            codec = Codec.parse(config.object.codec)
-        elif caps.persistent:
-            codec = Codec.parse(config.disk_codec)
-        else:
-            codec = Codec.RAW
+        info = ctx.store.tier(tier).info()
         out.append(
             TierConfigOut(
                 tier=tier, capacity_bytes=stats[tier].capacity_bytes, persistent=caps.persistent, shared=caps.shared,
-                codec=codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
-                recovery=_recovery(ctx.store.tier(tier)),
-                disk_state=_disk_out(disk_states.get(tier)), object_state=_object_out(object_states.get(tier)),
+                codec=info.codec.name.lower(), write_policy="first" if tier == nearest else config.write_policy_of(tier),
+                recovery=_recovery(info.recovery),
+                disk_state=_disk_out(info.disk), object_state=_object_out(info.objects),
             )
         )  # fmt: skip
     return TiersOut(tiers=out)
 
 
-def _disk_out(d: DiskTierState | None) -> DiskStateOut | None:
-    if d is None:
-        return None
-    return DiskStateOut(
-        full=d.full, reason=d.reason, full_since=d.full_since, free_bytes=d.free_bytes,
-        resume_free_bytes=d.resume_free_bytes, reserve_bytes=d.reserve_bytes, reserve_held=d.reserve_held,
-        full_episodes=d.full_episodes, refused_puts=d.refused_puts, index_reopens=d.index_reopens,
-    )  # fmt: skip
+def _disk_out(d: DiskState | None) -> DiskStateOut | None:
+    return None if d is None else DiskStateOut.model_validate(d, from_attributes=True)
 
 
-def _object_out(o: ObjectTierState | None) -> ObjectStateOut | None:
+def _object_out(o: ObjectTierStats | None) -> ObjectStateOut | None:
     if o is None:
         return None
     return ObjectStateOut(
@@ -83,9 +72,8 @@ def _object_out(o: ObjectTierState | None) -> ObjectStateOut | None:
     )  # fmt: skip
 
 
-def _recovery(tier: object) -> RecoveryOut | None:
-    """The tier's recovery report at open (the disk tier keeps one as ``recovery``), if it has one."""
-    r = getattr(tier, "recovery", None)
+def _recovery(r: RecoveryReport | None) -> RecoveryOut | None:
+    """The tier's recovery report at open (the disk tier's), if it has one."""
     if r is None:
         return None
     return RecoveryOut(

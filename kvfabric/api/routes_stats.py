@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -69,11 +70,8 @@ def stats(ctx: Ctx, principal: Reader) -> StatsOut:
         rates = last.get(t.tier)
         tiers.append(
             TierOut(
-                tier=t.tier, blocks=t.blocks, bytes=t.bytes, capacity_bytes=t.capacity_bytes,
-                occupancy=t.bytes / t.capacity_bytes if t.capacity_bytes else None,
-                hits=t.hits, misses=t.misses, hit_rate=_ratio(t.hits, t.hits + t.misses), corrupt=t.corrupt,
-                puts=t.puts, deletes=t.deletes, evictions=t.evictions, bytes_read=t.bytes_read,
-                bytes_written=t.bytes_written,
+                **asdict(t), occupancy=t.bytes / t.capacity_bytes if t.capacity_bytes else None,
+                hit_rate=_ratio(t.hits, t.hits + t.misses),
                 read_bytes_per_s=rates.read_bytes_per_s if rates else 0.0,
                 write_bytes_per_s=rates.write_bytes_per_s if rates else 0.0,
             )
@@ -97,11 +95,7 @@ def stats(ctx: Ctx, principal: Reader) -> StatsOut:
         ),
         namespaces=[namespace_out(ctx, ns) for ns in visible],
         upload_backlog_bytes=snap.upload_backlog_bytes if node else None,
-        store=StoreCountersOut(
-            **{f: getattr(snap.counters, f) for f in StoreCountersOut.model_fields}  # same names, by design
-        )
-        if node
-        else None,
+        store=StoreCountersOut.model_validate(snap.counters, from_attributes=True) if node else None,
     )
 
 
@@ -109,13 +103,7 @@ def _point_out(p: HistoryPoint) -> HistoryPointOut:
     return HistoryPointOut(
         time=p.time, interval_s=p.interval_s, hit_rate=p.hit_rate, read_bytes_per_s=p.read_bytes_per_s,
         write_bytes_per_s=p.write_bytes_per_s, upload_backlog_bytes=p.upload_backlog_bytes,
-        tiers=[
-            TierRatesOut(
-                tier=t.tier, bytes=t.bytes, capacity_bytes=t.capacity_bytes, hits=t.hits, misses=t.misses,
-                hit_rate=t.hit_rate, read_bytes_per_s=t.read_bytes_per_s, write_bytes_per_s=t.write_bytes_per_s,
-            )
-            for t in p.tiers
-        ],
+        tiers=[TierRatesOut.model_validate(t, from_attributes=True) for t in p.tiers],
     )  # fmt: skip
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
+from kvfabric.api.history import TierRates
 from kvfabric.config import parse_size
+from kvfabric.store.counters import StoreStats, published
+from kvfabric.store.tier import TierStats
 
 HEX64 = r"^[0-9a-fA-F]{64}$"
 
@@ -31,23 +36,43 @@ class Readiness(BaseModel):
     )
 
 
-class TierOut(BaseModel):
-    tier: str
-    blocks: int
-    bytes: int
-    capacity_bytes: int | None
-    occupancy: float | None = Field(description="bytes / capacity_bytes, 0..1")
-    hits: int
-    misses: int
-    hit_rate: float | None = Field(description="hits / (hits + misses) since start; null before any read")
-    corrupt: int
-    puts: int
-    deletes: int
-    evictions: int
-    bytes_read: int
-    bytes_written: int
-    read_bytes_per_s: float = Field(description="over the last sampling interval")
-    write_bytes_per_s: float = Field(description="over the last sampling interval")
+def model_of(
+    name: str,
+    record: type,
+    *,
+    first: Sequence[tuple[str, Any]] = (),
+    after: Mapping[str, Sequence[tuple[str, Any]]] = {},
+    last: Sequence[tuple[str, Any]] = (),
+    doc: str | None = None,
+    every_field: bool = False,
+) -> type[BaseModel]:
+    """A response model whose fields are the published fields of a store statistics dataclass (``stat(...)``), or
+    with ``every_field`` all of a plain dataclass's, in their order and with their help as description, plus
+    ``first``/``after`` a field/``last`` derived ones. Built with ``from_attributes``, so
+    ``model_validate(record_instance, from_attributes=True)`` fills it."""
+    hints = get_type_hints(record)
+    spec: dict[str, Any] = dict(first)
+    for f in fields(record) if every_field else published(record):
+        spec[f.name] = (hints[f.name], Field(description=f.metadata.get("help")))
+        spec.update(after.get(f.name, ()))
+    spec.update(last)
+    return create_model(name, __config__=ConfigDict(from_attributes=True), __doc__=doc, **spec)  # fmt: skip
+
+
+_RATE = (float, Field(description="over the last sampling interval"))
+
+TierOut = model_of(
+    "TierOut", TierStats, first=[("tier", (str, ...))],
+    after={
+        "capacity_bytes": [("occupancy", (float | None, Field(description="bytes / capacity_bytes, 0..1")))],
+        "misses": [(
+            "hit_rate",
+            (float | None, Field(description="hits / (hits + misses) since start; null before any read")),
+        )],
+    },
+    last=[("read_bytes_per_s", _RATE), ("write_bytes_per_s", _RATE)],
+    doc="One tier's counters (``TierStats``), its occupancy and hit rate, and its recent byte rates.",
+)  # fmt: skip
 
 
 class ModelUsageOut(BaseModel):
@@ -76,16 +101,11 @@ class Totals(BaseModel):
     hit_rate: float | None
 
 
-class StoreCountersOut(BaseModel):
-    promotions: int
-    promotions_refused: int
-    demotions: int
-    expired: int
-    quota_evictions: int
-    writeback_dropped: int
-    flush_errors: int
-    unavailable: int
-    writeback_pending: dict[str, int] = Field(description="blocks waiting per write-back tier")
+StoreCountersOut = model_of(
+    "StoreCountersOut", StoreStats,
+    last=[("writeback_pending", (dict[str, int], Field(description="blocks waiting per write-back tier")))],
+    doc="What the store does between its tiers (``StoreStats``).",
+)  # fmt: skip
 
 
 class StatsOut(BaseModel):
@@ -104,15 +124,7 @@ class StatsOut(BaseModel):
     store: StoreCountersOut | None
 
 
-class TierRatesOut(BaseModel):
-    tier: str
-    bytes: int
-    capacity_bytes: int | None
-    hits: int
-    misses: int
-    hit_rate: float | None
-    read_bytes_per_s: float
-    write_bytes_per_s: float
+TierRatesOut = model_of("TierRatesOut", TierRates, every_field=True, doc="What one tier did over one interval.")
 
 
 class HistoryPointOut(BaseModel):
@@ -214,6 +226,8 @@ class RecoveryOut(BaseModel):
 
 class DiskStateOut(BaseModel):
     """The disk tier now: is its filesystem full (puts refused; reads and deletes served), its space reserve."""
+
+    model_config = ConfigDict(from_attributes=True)  # filled from the tier's DiskState
 
     full: bool
     reason: str | None = Field(description="the write failure that made the tier full; null when not full")

@@ -7,33 +7,27 @@ history sampler all speak :class:`StoreSnapshot`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
+from typing import TYPE_CHECKING
 
+from kvfabric.store.counters import StoreStats
 from kvfabric.store.tier import TierStats
 from kvfabric.store.tiered import TieredStore
 
+if TYPE_CHECKING:  # the tiers' reports, as their info() gives them (their modules need RocksDB / boto3)
+    from kvfabric.store.disk.tier import DiskState
+    from kvfabric.store.object.tier import ObjectTierStats
 
-@dataclass(frozen=True, slots=True)
-class TierSnapshot:
-    tier: str
-    blocks: int
-    bytes: int
-    capacity_bytes: int | None
-    hits: int
-    misses: int
-    corrupt: int
-    puts: int
-    deletes: int
-    evictions: int
-    bytes_read: int
-    bytes_written: int
+
+@dataclass(slots=True)
+class TierSnapshot(TierStats):
+    """One tier's counters (``TierStats``, the store's read counts in place of the tier's own) and its name."""
+
+    tier: str = ""
 
     @classmethod
     def of(cls, tier: str, s: TierStats) -> TierSnapshot:
-        return cls(
-            tier, s.blocks, s.bytes, s.capacity_bytes, s.hits, s.misses, s.corrupt, s.puts, s.deletes, s.evictions,
-            s.bytes_read, s.bytes_written,
-        )  # fmt: skip
+        return cls(*astuple(s), tier=tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,69 +49,19 @@ class NamespaceUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class StoreCounters:
-    """What the store does between its tiers (each tier counts its own reads and writes)."""
-
-    promotions: int
-    promotions_refused: int
-    demotions: int
-    expired: int
-    quota_evictions: int
-    writeback_dropped: int
-    flush_errors: int
-    unavailable: int
-    writeback_pending: dict[str, int]
-    """Blocks waiting to be copied to each write-back tier."""
-    last_flush_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DiskTierState:
-    """A disk tier's live condition: whether its filesystem is full, and its space reserve."""
-
-    tier: str
-    full: bool
-    reason: str | None
-    full_since: float | None
-    free_bytes: int
-    resume_free_bytes: int
-    reserve_bytes: int
-    reserve_held: bool
-    full_episodes: int
-    refused_puts: int
-    index_reopens: int
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectTierState:
-    """An object tier's live state: what is uploaded, what waits, whether the store answers."""
-
-    tier: str
-    uploaded_blocks: int
-    pending_blocks: int
-    backlog_bytes: int
-    backlog_items: int
-    uploads: int
-    uploaded_bytes: int
-    upload_failures: int
-    unavailable_misses: int
-    rejected_puts: int
-    store_down: bool
-    last_failure: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class StoreSnapshot:
     time: float
     """Unix time of the snapshot."""
     tiers: tuple[TierSnapshot, ...]
     namespaces: tuple[NamespaceUsage, ...]
     upload_backlog_bytes: int
-    counters: StoreCounters
+    counters: StoreStats
     conditions: dict[str, str] = field(default_factory=dict)
     """Tiers that refuse writes now, and why (a full disk)."""
-    disk_tiers: tuple[DiskTierState, ...] = ()
-    object_tiers: tuple[ObjectTierState, ...] = ()
+    disk_tiers: dict[str, DiskState] = field(default_factory=dict)
+    """The disk tiers' space state, by tier."""
+    object_tiers: dict[str, ObjectTierStats] = field(default_factory=dict)
+    """The object tiers' upload state, by tier."""
 
     def tier(self, name: str) -> TierSnapshot | None:
         return next((t for t in self.tiers if t.tier == name), None)
@@ -137,10 +81,7 @@ def take_snapshot(store: TieredStore) -> StoreSnapshot:
         )
         namespaces.append(NamespaceUsage(str(ns), usage.blocks, usage.bytes, models))
     s = store.store_stats()
-    counters = StoreCounters(
-        s.promotions, s.promotions_refused, s.demotions, s.expired, s.quota_evictions, s.writeback_dropped,
-        s.flush_errors, s.unavailable, {str(t): n for t, n in s.writeback_pending.items()}, s.last_flush_error,
-    )  # fmt: skip
+    counters = replace(s, writeback_pending={str(t): n for t, n in s.writeback_pending.items()})
     disks, objects = live_tier_states(store)
     return StoreSnapshot(
         time.time(), tiers, tuple(namespaces), store.upload_backlog_bytes(), counters,
@@ -148,29 +89,9 @@ def take_snapshot(store: TieredStore) -> StoreSnapshot:
     )  # fmt: skip
 
 
-def live_tier_states(store: TieredStore) -> tuple[tuple[DiskTierState, ...], tuple[ObjectTierState, ...]]:
-    """The disk tiers' space state and the object tiers' upload state (tiers that report them)."""
-    disks: list[DiskTierState] = []
-    objects: list[ObjectTierState] = []
-    for tier_id in store.tiers:
-        tier = store.tier(tier_id)
-        disk_state = getattr(tier, "disk_state", None)
-        if callable(disk_state):
-            d = disk_state()
-            disks.append(
-                DiskTierState(
-                    str(tier_id), d.full, d.reason, d.full_since, d.free_bytes, d.resume_free_bytes,
-                    d.reserve_bytes, d.reserve_held, d.full_episodes, d.refused_puts, d.index_reopens,
-                )
-            )  # fmt: skip
-        object_stats = getattr(tier, "object_stats", None)
-        if callable(object_stats):
-            o = object_stats()
-            objects.append(
-                ObjectTierState(
-                    str(tier_id), o.uploaded_blocks, o.pending_blocks, o.backlog_bytes, o.backlog_items, o.uploads,
-                    o.uploaded_bytes, o.upload_failures, o.unavailable_misses, o.rejected_puts, o.store_down,
-                    o.last_failure,
-                )
-            )  # fmt: skip
-    return tuple(disks), tuple(objects)
+def live_tier_states(store: TieredStore) -> tuple[dict[str, DiskState], dict[str, ObjectTierStats]]:
+    """The disk tiers' space state and the object tiers' upload state (of the tiers whose ``info`` reports them)."""
+    infos = {str(t): store.tier(t).info() for t in store.tiers}
+    disks = {t: i.disk for t, i in infos.items() if i.disk is not None}
+    objects = {t: i.objects for t, i in infos.items() if i.objects is not None}
+    return disks, objects

@@ -3,10 +3,11 @@
 from kvfabric.store.arena import Arena
 from kvfabric.store.catalog import NamespaceStats, UsageStats
 from kvfabric.store.config import WRITE_BACK, WRITE_THROUGH, NamespacePolicy, StoreConfig
+from kvfabric.store.counters import StoreStats
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import EvictionPolicy, LRUPolicy, PrefixCostPolicy, make_policy
 from kvfabric.store.tier import Tier, TierCapabilities, TierStats
-from kvfabric.store.tiered import StoreStats, TieredStore
+from kvfabric.store.tiered import TieredStore
 
 __all__ = [
     "WRITE_BACK",

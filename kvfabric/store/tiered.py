@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from kvfabric.codec import Codec
 from kvfabric.errors import (
@@ -52,10 +53,14 @@ from kvfabric.record import Block, BlockMeta, decode_record
 from kvfabric.spec import ModelSpec
 from kvfabric.store.catalog import Catalog, NamespaceStats
 from kvfabric.store.config import WRITE_THROUGH, NamespacePolicy, StoreConfig
+from kvfabric.store.counters import StoreStats
 from kvfabric.store.memory import Lease, MemoryTier
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
-from kvfabric.store.tier import Tier, TierCapabilities, TierStats
+from kvfabric.store.tier import Tier, TierCapabilities, TierStats, copy_payload
+
+if TYPE_CHECKING:
+    from kvfabric.store.object.tier import ObjectTierStats
 
 N_STRIPES = 64
 FLUSH_BATCH = 64
@@ -71,37 +76,6 @@ class _LowerTierFull(Exception):
         super().__init__(str(error))
         self.tier = tier
         self.error = error
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Store-level counters (the tiers count their own in ``tier_stats``)."""
-
-    promotions: int
-    promotions_refused: int
-    demotions: int
-    expired: int
-    quota_evictions: int
-    writeback_pending: dict[TierId, int]
-    writeback_dropped: int
-    flush_errors: int
-    unavailable: int
-    room_made: int
-    last_flush_error: str | None
-
-
-@dataclass(slots=True)
-class _Counters:
-    promotions: int = 0
-    promotions_refused: int = 0  # the RAM policy did not admit a block read from below
-    demotions: int = 0  # evicted dirty blocks written down synchronously
-    expired: int = 0
-    quota_evictions: int = 0
-    writeback_dropped: int = 0  # queued copies skipped: backlog overflow, or no source left to copy from
-    flush_errors: int = 0
-    unavailable: int = 0  # reads/writes a shared tier could not serve (degraded to a miss / a queued write)
-    room_made: int = 0  # times a full lower tier (disk) was evicted and compacted to take a write
-    last_flush_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -137,7 +111,7 @@ class TieredStore:
         self._stripes = [threading.Lock() for _ in range(N_STRIPES)]
         self._catalog = Catalog()
         self._backlog: dict[TierId, OrderedDict[BlockKey, None]] = {t.tier_id: OrderedDict() for t in self._lower}
-        self._counters = _Counters()
+        self._counters = StoreStats()
         self._reads = {t.tier_id: _Reads() for t in self._tiers}
         self._models = ModelRegistry(config.data_dir)
         self._pins = PinRegistry(config.data_dir)
@@ -273,13 +247,7 @@ class TieredStore:
             return meta
         self._count_read(self._ram, hit=False)
         block = self._get_below(key)
-        if block is None:
-            return None
-        dst = memoryview(out).cast("B")
-        if len(dst) != block.meta.nbytes:
-            raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {block.meta.nbytes}")
-        dst[:] = memoryview(block.payload).cast("B")
-        return block.meta
+        return None if block is None else copy_payload(block, out)
 
     def head(self, key: BlockKey) -> tuple[BlockMeta, TierId] | None:
         """The block's meta and the nearest tier holding it, without reading the payload."""
@@ -460,9 +428,8 @@ class TieredStore:
         self._check_open()
         results: dict[TierId, object] = {}
         for tier in self._lower:
-            compact = getattr(tier, "compact", None)
-            if callable(compact):
-                results[tier.tier_id] = compact()
+            if tier.capabilities.compacts:
+                results[tier.tier_id] = tier.compact()
         return results
 
     def flush(self) -> None:
@@ -472,11 +439,8 @@ class TieredStore:
         self._check_open()
         error = self._drain(self._ram.version)
         for tier in self._lower:
-            tier_flush = getattr(tier, "flush", None)  # tiers that buffer writes themselves (object segments)
-            if not callable(tier_flush):
-                continue
             try:
-                tier_flush()
+                tier.flush()  # a no-op for tiers that do not buffer writes themselves
             except KVFabricError as exc:
                 self._count("flush_errors", error=f"{tier.tier_id}: {exc}")
                 error = error or exc
@@ -490,9 +454,7 @@ class TieredStore:
         if self._flusher is not None:
             return
         for tier in self._lower:
-            start = getattr(tier, "start", None)  # tiers with their own background work (the object uploader)
-            if callable(start):
-                start()
+            tier.start()  # a no-op for tiers without background work of their own
         self._flusher = threading.Thread(target=self._background, name="kvfabric-store-flusher", daemon=True)
         self._flusher.start()
 
@@ -560,22 +522,19 @@ class TieredStore:
             for tier_id, queue in self._backlog.items():
                 pending[tier_id] += len(queue)
             c = replace(self._counters)
-        return StoreStats(
-            c.promotions, c.promotions_refused, c.demotions, c.expired, c.quota_evictions, pending,
-            c.writeback_dropped, c.flush_errors, c.unavailable + self._unavailable_inside_tiers(), c.room_made,
-            c.last_flush_error,
-        )  # fmt: skip
+        return replace(c, writeback_pending=pending, unavailable=c.unavailable + self._unavailable_inside_tiers())
 
     def _unavailable_inside_tiers(self) -> int:
         """Outage events a shared tier absorbs itself and never raises to the store: uploads that failed in its
         background uploader, reads it answered as misses because the store was down (the object tier)."""
         total = 0
-        for tier in self._lower:
-            object_stats = getattr(tier, "object_stats", None)
-            if callable(object_stats):
-                s = object_stats()
-                total += s.upload_failures + s.unavailable_misses
+        for objects in self._object_reports():
+            total += objects.upload_failures + objects.unavailable_misses
         return total
+
+    def _object_reports(self) -> list[ObjectTierStats]:
+        """The upload reports of the tiers that upload in the background (``capabilities.buffers_writes``)."""
+        return [o for t in self._lower if t.capabilities.buffers_writes and (o := t.info().objects) is not None]
 
     @property
     def tiers(self) -> list[TierId]:
@@ -587,12 +546,7 @@ class TieredStore:
 
     def upload_backlog_bytes(self) -> int:
         """Bytes accepted by tiers that upload in the background (the object tier) and not uploaded yet."""
-        total = 0
-        for tier in self._lower:
-            object_stats = getattr(tier, "object_stats", None)
-            if callable(object_stats):
-                total += object_stats().backlog_bytes
-        return total
+        return sum(o.backlog_bytes for o in self._object_reports())
 
     def set_namespace_policy(self, namespace: Namespace, policy: NamespacePolicy | None) -> None:
         """Replace ``namespace``'s TTL and quota at runtime (``None``: back to the default, ``"*"``'s). Applies from
@@ -697,9 +651,7 @@ class TieredStore:
         it so the space is really reclaimed."""
         capacity = tier.stats().capacity_bytes or 0
         self.evict(tier.tier_id, max(nbytes, capacity // ROOM_FRACTION))
-        compact = getattr(tier, "compact", None)
-        if callable(compact):
-            compact()
+        tier.compact()  # a no-op for tiers that cannot
         self._count("room_made")
 
     def _write(self, block: Block) -> None:

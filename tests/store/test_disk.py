@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from kvfabric.errors import InvalidBlockError, StoreError
-from kvfabric.ids import Namespace
+from kvfabric.ids import BlockKey, Namespace
 from kvfabric.record import Block, decode_record
 from kvfabric.store.disk import DiskTier, SegmentEntry
 from kvfabric.store.tier import Tier
 from tests.blocks import make_block, make_chain
-from tests.store.tier_suite import TierSuite, same
+from tests.store.tier_suite import Corrupt, TierSuite, same
 
 CONFIGS = [
     {"fsync": "group", "codec": "raw"},
@@ -25,6 +25,8 @@ CONFIGS = [
 
 
 class TestDiskTier(TierSuite):
+    REPORTS = frozenset({"recovery", "disk"})
+
     @pytest.fixture(params=CONFIGS, ids=lambda c: f"{c['fsync']}-{c['codec']}")
     def config(self, request: pytest.FixtureRequest) -> dict[str, str]:
         return request.param
@@ -38,6 +40,25 @@ class TestDiskTier(TierSuite):
     @pytest.fixture
     def reopen(self, tmp_path: Path, config: dict[str, str]) -> Callable[[], Tier]:
         return lambda: DiskTier(tmp_path / "disk", segment_bytes=64 << 10, **config)  # type: ignore[arg-type]
+
+    @pytest.fixture
+    def corrupt(self) -> Corrupt:
+        return flip_payload_byte
+
+
+def flip_payload_byte(tier: Tier, key: BlockKey) -> None:
+    """Change the last stored payload byte of ``key``'s record in its segment file, behind the tier's back."""
+    assert isinstance(tier, DiskTier)
+    for path in tier.segment_paths():
+        for e in tier.segment_entries(path):
+            if e.key == key:
+                with open(path, "r+b") as f:
+                    f.seek(e.offset + e.record_len - 1)
+                    byte = f.read(1)[0]
+                    f.seek(e.offset + e.record_len - 1)
+                    f.write(bytes([byte ^ 0xFF]))
+                return
+    raise AssertionError(f"no record of {key} in {tier.path}")
 
 
 def test_sealed_segment_hook_lists_every_live_record(tmp_path: Path) -> None:

@@ -14,13 +14,15 @@ from kvfabric.codec import Codec
 from kvfabric.errors import ConfigError, StoreError
 from kvfabric.events import BlockStored, EventLog
 from kvfabric.ids import BlockKey
-from kvfabric.record import BlockMeta, decode_header, encode_record
+from kvfabric.record import decode_header, encode_record
+from kvfabric.store.disk import DiskTier
 from kvfabric.store.object import ObjectTier, ObjectTierConfig, SegmentEntry
 from kvfabric.store.object.tier import ALIGN
+from kvfabric.store.tier import Tier
 from tests.blocks import make_block, make_chain
 from tests.s3server import SeaweedFS
 from tests.store.object_helpers import object_config, open_tier
-from tests.store.tier_suite import TierSuite, same
+from tests.store.tier_suite import Corrupt, TierSuite, same
 
 MODES = {
     # every put is its own committed segment: every read is a ranged GET
@@ -33,6 +35,8 @@ MODES = {
 
 
 class TestObjectTier(TierSuite):
+    REPORTS = frozenset({"objects"})
+
     @pytest.fixture(params=list(MODES))
     def config(self, request: pytest.FixtureRequest, s3_server: SeaweedFS) -> ObjectTierConfig:
         return object_config(s3_server, s3_server.create_bucket(), **MODES[request.param])
@@ -46,6 +50,21 @@ class TestObjectTier(TierSuite):
     @pytest.fixture
     def reopen(self, s3_server: SeaweedFS, config: ObjectTierConfig) -> Callable[[], ObjectTier]:
         return lambda: open_tier(s3_server, config)
+
+    @pytest.fixture
+    def corrupt(self, s3_server: SeaweedFS) -> Corrupt:
+        def flip(tier: Tier, key: BlockKey) -> None:
+            """Change the last stored payload byte of ``key``'s record in its segment object, behind the tier."""
+            assert isinstance(tier, ObjectTier)
+            loc = tier.locate(key)
+            assert loc is not None, f"{key} is not uploaded"
+            client = s3_server.client()
+            bucket = tier.config.bucket
+            data = bytearray(client.get_object(Bucket=bucket, Key=loc.object_key)["Body"].read())  # type: ignore[attr-defined]
+            data[loc.offset + loc.record_len - 1] ^= 0xFF
+            client.put_object(Bucket=bucket, Key=loc.object_key, Body=bytes(data))  # type: ignore[attr-defined]
+
+        return flip
 
 
 @pytest.fixture
@@ -168,26 +187,19 @@ def test_upload_segment_file(s3_server: SeaweedFS, bucket: str, tmp_path: Path) 
         assert all(same(again.get(b.key), b) for b in blocks)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DiskStyleEntry:
-    """The disk tier's sealed-segment entry has these fields (and no stored_ns)."""
-
-    key: BlockKey
-    offset: int
-    record_len: int
-    header_len: int
-    checksum: int
-    meta: BlockMeta
-
-
 def test_upload_segment_file_takes_disk_tier_entries(s3_server: SeaweedFS, bucket: str, tmp_path: Path) -> None:
-    blocks = make_chain(3, seed=13)
-    ours = _write_segment_file(tmp_path / "7.seg", blocks)
-    theirs = [DiskStyleEntry(e.key, e.offset, e.record_len, e.header_len, e.checksum, e.meta) for e in ours]
+    blocks = make_chain(12, seed=13)
+    with DiskTier(tmp_path / "disk", segment_bytes=64 << 10) as disk:
+        disk.put_many(blocks)  # 8 records fill a segment: the first is sealed by now
+        sealed = disk.sealed_segments()
+        assert sealed
+        listed = [(path, disk.segment_entries(path)) for path in sealed]
+    uploaded = {e.key for _, entries in listed for e in entries}
     with open_tier(s3_server, object_config(s3_server, bucket)) as tier:
-        tier.upload_segment_file(tmp_path / "7.seg", theirs)
+        for path, entries in listed:
+            tier.upload_segment_file(path, entries)  # the disk tier's entries, unstamped, as they are
     with open_tier(s3_server, object_config(s3_server, bucket)) as again:
-        assert all(same(again.get(b.key), b) for b in blocks)
+        assert uploaded and all(same(again.get(b.key), b) for b in blocks if b.key in uploaded)
 
 
 def test_credentials_from_the_standard_chain(

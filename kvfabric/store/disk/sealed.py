@@ -11,26 +11,11 @@ records with ``DiskTier.segment_entries()``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from kvfabric.ids import BlockKey
-from kvfabric.record import BlockMeta
+from kvfabric.store.entry import SegmentEntry
 
-
-@dataclass(frozen=True, slots=True)
-class SegmentEntry:
-    """One live record of a sealed segment: the bytes ``[offset, offset + record_len)`` of the file."""
-
-    key: BlockKey
-    offset: int
-    record_len: int
-    """Header plus stored payload; the zero padding after it is not included."""
-    header_len: int
-    """The stored payload is ``[offset + header_len, offset + record_len)``."""
-    checksum: int
-    """XXH3-64 of the stored payload (also in the record header)."""
-    meta: BlockMeta
+__all__ = ["SealedSegmentHook", "SegmentEntry"]
 
 
 SealedSegmentHook = Callable[[Path, list[SegmentEntry]], None]

@@ -61,7 +61,7 @@ from kvfabric.store.disk.segment import (
     read_into,
     write_record,
 )
-from kvfabric.store.tier import Tier, TierCapabilities
+from kvfabric.store.tier import Tier, TierCapabilities, TierInfo, copy_payload
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
 HEADER_CACHE_ENTRIES = 16384
@@ -148,7 +148,7 @@ class _Slot:
 class DiskTier(Tier):
     """The NVMe tier. Persistent; refuses writes when full (``TierFullError``) rather than evicting."""
 
-    capabilities = TierCapabilities(persistent=True)
+    capabilities = TierCapabilities(persistent=True, verifies_reads=True, compacts=True)
 
     def __init__(
         self,
@@ -304,10 +304,7 @@ class DiskTier(Tier):
             self._release(seg, entry.record_len if ok else 0, hit=ok)
         if head is not None and not in_place:  # compressed: decode through a temporary, then copy
             block = self.get(key)
-            if block is None:
-                return None
-            dst[:] = memoryview(block.payload).cast("B")
-            return block.meta
+            return None if block is None else copy_payload(block, dst)
         if not ok or head is None:
             self._drop_corrupt(kb, entry)
             return None
@@ -446,6 +443,9 @@ class DiskTier(Tier):
         except DiskFullError as exc:
             return str(exc)
         return None
+
+    def info(self) -> TierInfo:
+        return TierInfo(codec=self.codec, recovery=self.recovery, disk=self.disk_state())
 
     def disk_state(self) -> DiskState:
         condition = self.condition()

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 
 from kvfabric.errors import MalformedRecordError
 from kvfabric.ids import HASH_BYTES, BlockKey, PrefixHash
-from kvfabric.record import BlockMeta, RecordHeader
+from kvfabric.record import BlockMeta
 from kvfabric.spec import DType
+from kvfabric.store.entry import SegmentEntry
 
 MANIFEST_FORMAT = b"kvfabric.manifest/1"
 TOMBSTONE_FORMAT = b"kvfabric.tombstones/1"
@@ -42,45 +43,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 TOMBSTONE_SCHEMA = pa.schema([("key", pa.binary()), ("deleted_ns", pa.int64())])
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentEntry:
-    """One record inside a segment: what a manifest row holds, the bytes ``[offset, offset + record_len)``.
-
-    Field for field the disk tier's sealed-segment entry (``kvfabric.store.disk.SegmentEntry``) plus ``stored_ns``,
-    so a disk tier's entries can be passed to ``ObjectTier.upload_segment_file`` as they are; ``stored_ns=0`` there
-    means "now".
-    """
-
-    key: BlockKey
-    offset: int
-    record_len: int
-    """Header plus stored payload; the zero padding after it is not included."""
-    header_len: int
-    """The stored payload is ``[offset + header_len, offset + record_len)``."""
-    checksum: int
-    """XXH3-64 of the stored payload (also in the record header)."""
-    meta: BlockMeta
-    stored_ns: int = 0
-    """When the put happened: orders puts against tombstones at rebuild."""
-
-    def __post_init__(self) -> None:
-        if self.key != self.meta.key:
-            raise ValueError(f"segment entry key {self.key} differs from its meta's key {self.meta.key}")
-        if self.offset < 0 or not 0 < self.header_len <= self.record_len:
-            raise ValueError(f"segment entry for {self.key}: bad offset/lengths {self.offset}/{self.header_len}/"
-                             f"{self.record_len}")  # fmt: skip
-
-    @property
-    def payload_len(self) -> int:
-        """Stored (possibly compressed) payload bytes."""
-        return self.record_len - self.header_len
-
-    @classmethod
-    def from_header(cls, header: RecordHeader, offset: int, stored_ns: int = 0) -> SegmentEntry:
-        m = header.meta
-        return cls(m.key, offset, header.record_len, header.header_len, header.payload_checksum, m, stored_ns)
 
 
 def _to_parquet(table: pa.Table) -> bytes:

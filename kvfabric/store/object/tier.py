@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TypeVar
 
 import boto3
 
@@ -56,9 +56,10 @@ from kvfabric.store.object.manifest import (
 from kvfabric.store.object.outage import OutageGate
 from kvfabric.store.object.rebuild import Located, resolve
 from kvfabric.store.object.s3 import ObjectStore
-from kvfabric.store.tier import Tier, TierCapabilities
+from kvfabric.store.tier import Tier, TierCapabilities, TierInfo
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ALIGN = 4096
 """Records start at multiples of this inside a segment object (as on disk, so O_DIRECT/GDS can read in place)."""
@@ -77,17 +78,6 @@ class ObjectLocation:
     object_key: str
     offset: int
     record_len: int
-
-
-class SealedRecord(Protocol):
-    """What ``upload_segment_file`` needs to know of each record: our :class:`SegmentEntry` or the disk tier's."""
-
-    key: BlockKey
-    offset: int
-    record_len: int
-    header_len: int
-    checksum: int
-    meta: BlockMeta
 
 
 @dataclass(slots=True)
@@ -124,7 +114,9 @@ class ObjectTierStats:
 
 
 class ObjectTier(Tier):
-    capabilities = TierCapabilities(persistent=True, shared=True)
+    capabilities = TierCapabilities(
+        persistent=True, shared=True, verifies_reads=True, buffers_writes=True, background=True
+    )
 
     def __init__(
         self,
@@ -338,9 +330,9 @@ class ObjectTier(Tier):
         self._backlog.push_segment(seg)
         self._work.notify_all()
 
-    def upload_segment_file(self, path: str | Path, entries: Sequence[SealedRecord]) -> str:
+    def upload_segment_file(self, path: str | Path, entries: Sequence[SegmentEntry]) -> str:
         """Upload a sealed segment file (e.g. the disk tier's) as-is, then its manifest built from ``entries``
-        (:class:`SegmentEntry` or the disk tier's entries, which have the same fields).
+        (the disk tier lists a sealed segment's entries in this same type).
 
         Synchronous: returns the new segment id once both objects are in the store; the blocks are then served by
         this tier. Raises ``TierUnavailableError``/``StoreError`` if the upload fails (nothing changes then).
@@ -413,6 +405,7 @@ class ObjectTier(Tier):
     # --- reads -----------------------------------------------------------------------------------------------------
     def head(self, key: BlockKey) -> BlockMeta | None:
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
         return located.entry.meta if located is not None else None
 
@@ -433,6 +426,7 @@ class ObjectTier(Tier):
     def _lookup(self, key: BlockKey) -> tuple[Located | None, bytes | None]:
         """The key's location and, if its segment is still in memory, a copy of its record."""
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
             if located is None:
                 self._stats.misses += 1
@@ -448,19 +442,28 @@ class ObjectTier(Tier):
         if located is None:
             return None
         if record is None:
-            if not self._may_read():
-                return None
-            try:
-                record = self._store.get_range(self._object_key(SEGMENTS, located.segment_id),
-                                               located.entry.offset, located.entry.record_len)  # fmt: skip
-            except StoreError as exc:
-                self._read_failed(exc, 1)
-                return None
-            self._gate.succeeded()
+            object_key = self._object_key(SEGMENTS, located.segment_id)
+            record = self._read_remote(
+                key, located, lambda: self._store.get_range(object_key, located.entry.offset, located.entry.record_len)
+            )
             if record is None:
-                self._lost(key, located, corrupt=False)
                 return None
         return self._checked(key, located, record)
+
+    def _read_remote(self, key: BlockKey, located: Located, read: Callable[[], _T | None]) -> _T | None:
+        """``read()`` from the store through the outage gate; ``None`` when the store is down (counted) or the
+        object is gone (then the block is lost: dropped and announced)."""
+        if not self._may_read():
+            return None
+        try:
+            got = read()
+        except StoreError as exc:
+            self._read_failed(exc, 1)
+            return None
+        self._gate.succeeded()
+        if got is None:
+            self._lost(key, located, corrupt=False)
+        return got
 
     def _checked(self, key: BlockKey, located: Located, record: bytes | memoryview) -> Block | None:
         """The verified block, or ``None`` (counted, dropped, announced) when the bytes cannot be trusted."""
@@ -483,6 +486,7 @@ class ObjectTier(Tier):
         On a miss ``out`` may have been partly written. Compressed records and blocks still in memory go through
         :meth:`get` and a copy."""
         with self._lock:
+            self._check_open()
             located = self._index.get(key)
             in_memory = located is not None and located.segment_id in self._pending
         if located is None or in_memory or located.entry.payload_len != located.entry.meta.nbytes:
@@ -490,20 +494,13 @@ class ObjectTier(Tier):
         dst = memoryview(out).cast("B")
         if len(dst) != located.entry.meta.nbytes:
             raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {located.entry.meta.nbytes}")
-        if not self._may_read():
-            return None
         e = located.entry
         header_buf = bytearray(e.header_len)
-        try:
-            got = self._store.read_range_into(
-                self._object_key(SEGMENTS, located.segment_id), e.offset, [memoryview(header_buf), dst]
-            )
-        except StoreError as exc:
-            self._read_failed(exc, 1)
-            return None
-        self._gate.succeeded()
+        object_key = self._object_key(SEGMENTS, located.segment_id)
+        got = self._read_remote(
+            key, located, lambda: self._store.read_range_into(object_key, e.offset, [memoryview(header_buf), dst])
+        )
         if got is None:
-            self._lost(key, located, corrupt=False)
             return None
         try:
             if got < e.record_len:
@@ -825,11 +822,13 @@ class ObjectTier(Tier):
             return bool(self._index) or bool(self._segment_live)
 
     # --- stats -----------------------------------------------------------------------------------------------------
+    def info(self) -> TierInfo:
+        return TierInfo(codec=self.config.codec, objects=self.object_stats())
+
     def object_stats(self) -> ObjectTierStats:
         """A snapshot of the object-tier counters (backlog, uploads, outages, GC)."""
         with self._lock:
-            s = self._ostats
-            snap = ObjectTierStats(**{f.name: getattr(s, f.name) for f in fields(ObjectTierStats)})
+            snap = replace(self._ostats)
             snap.backlog_bytes = self._backlog.nbytes + (self._open.nbytes if self._open is not None else 0)
             snap.backlog_items = len(self._backlog)
             snap.segments = len(self._segment_live)
@@ -848,12 +847,9 @@ def _object_id(object_key: str) -> str:
     return object_key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def _as_entry(sealed: SealedRecord, stamp: int) -> SegmentEntry:
-    """One of ours from anything shaped like it (the disk tier's entries), stamped now unless it carries a stamp."""
-    stored_ns = getattr(sealed, "stored_ns", 0) or stamp
-    return SegmentEntry(
-        sealed.key, sealed.offset, sealed.record_len, sealed.header_len, sealed.checksum, sealed.meta, stored_ns
-    )
+def _as_entry(sealed: SegmentEntry, stamp: int) -> SegmentEntry:
+    """``sealed`` stamped now unless it carries a stamp (the disk tier's entries do not)."""
+    return sealed if sealed.stored_ns else replace(sealed, stored_ns=stamp)
 
 
 def _check_header_matches(header: RecordHeader, key: BlockKey, entry: SegmentEntry) -> None:
