@@ -445,7 +445,8 @@ def main() -> int:
             rows += nixl_rows(url, stored[size], args.seconds, args.slices, log)
     log(f"load average at end: {load()}")
     order = ["get", "put", "get_shm", "get_nixl"]
-    rows.sort(key=lambda r: (r["blocks_per_call"] > 1, -r["size"], order.index(r["metric"])))
+    batched = lambda r: r["metric"] in ("get", "put") and r["blocks_per_call"] > 1  # noqa: E731
+    rows.sort(key=lambda r: (batched(r), -r["size"], order.index(r["metric"])))
     if args.json:
         for r in rows:
             print(json.dumps(r))
