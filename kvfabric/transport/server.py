@@ -1,6 +1,7 @@
 """The data-plane server: one asyncio process serving the frame protocol over TCP (optionally TLS).
 
-Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive into put buffers). GET and LEASE
+Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive: a PUT's payload lands in RAM
+arena extents reserved for it, which the put adopts, or in buffers where RAM has no room). GET and LEASE
 of blocks in the RAM arena, and puts into a RAM-only store, are answered inside the callback (no I/O involved);
 everything that may touch the disk or object tier runs as a task through ``asyncio.to_thread``. Responses go out
 with one ``writelines`` from the store's own memory. RAM-arena blocks are sent from a lease, so a block on the wire
