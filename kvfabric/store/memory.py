@@ -340,6 +340,26 @@ class MemoryTier(Tier):
             self._reserved[id(reservation.view)] = reservation
             return reservation
 
+    def reserve_run(self, sizes: list[int], *, evict: bool) -> tuple[memoryview, list[Reservation]] | None:
+        """Reservations for payloads of ``sizes`` that lie end to end in one run of the arena, and a view of the
+        whole run (so one receive can fill several); ``None`` when the run does not fit or the payloads would not
+        be contiguous (a size that is no multiple of the alignment)."""
+        if not sizes or any(n <= 0 or n % self._arena.alignment for n in sizes):
+            return None
+        run = self.reserve(sum(sizes), evict=evict)
+        if run is None:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            del self._reserved[id(run.view)]
+            parts = []
+            for offset, n in zip(self._arena.split(run.offset, sizes), sizes, strict=True):
+                part = Reservation(self._arena.view(offset, n), offset, n)
+                self._reserved[id(part.view)] = part
+                parts.append(part)
+        return run.view, parts
+
     def cancel(self, reservation: Reservation) -> bool:
         """Free a reservation no put adopted; ``False`` if one did (or it was cancelled already)."""
         with self._lock:

@@ -253,6 +253,14 @@ class TieredStore:
             return None
         return self._ram.reserve(nbytes, evict=not self._lower)
 
+    def reserve_ram_run(self, sizes: list[int]) -> tuple[memoryview, list[Reservation]] | None:
+        """Like :meth:`reserve_ram` for several payloads at once, end to end in one run of the arena: the view of
+        the whole run, to receive them all in one go, and a reservation for each (commit and cancel as above);
+        ``None`` where they cannot go there together."""
+        if self._closed or any(n > self.config.max_block_bytes for n in sizes):
+            return None
+        return self._ram.reserve_run(sizes, evict=not self._lower)
+
     def cancel_reservation(self, reservation: Reservation) -> bool:
         """Free ``reservation`` unless a put adopted it; whether it was freed."""
         return self._ram.cancel(reservation)

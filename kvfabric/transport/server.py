@@ -120,6 +120,7 @@ class FabricStore(Protocol):
     def acquire(self, key: BlockKey, *, promote: bool = True) -> StoreLease | None: ...
     def release(self, lease: Any) -> None: ...
     def reserve_ram(self, nbytes: int) -> PutReservation | None: ...
+    def reserve_ram_run(self, sizes: list[int]) -> tuple[memoryview, list[PutReservation]] | None: ...
     def cancel_reservation(self, reservation: Any) -> bool: ...
     def tier_stats(self) -> dict[TierId, Any]: ...
     @property
@@ -637,6 +638,15 @@ class _Connection(asyncio.BufferedProtocol):
         reserved = self._put_reserved[frame.request_id] = []
         bufs: list[memoryview] = []
         spec = self.store.model(frame.model) if self.server.arena is not None else None
+        sizes = [it.meta.nbytes for it in frame.items]
+        if len(sizes) > 1 and spec is not None and all(n == spec.block_nbytes for n in sizes):
+            # one run of the arena for the whole put: received in as few reads as the socket allows
+            run = self.store.reserve_ram_run(sizes)
+            if run is not None:
+                whole, parts = run
+                reserved.extend(parts)
+                self._put_buffers[frame.request_id] = [part.view for part in parts]
+                return [whole]
         try:
             for it in frame.items:
                 nbytes = it.meta.nbytes

@@ -120,3 +120,20 @@ def test_puts_into_ram_are_written_through_to_disk(tmp_path: Path) -> None:
             assert all(g is not None and np.array_equal(g, b) for g, b in zip(got, blocks, strict=True))
     finally:
         store.close()
+
+
+def test_a_run_of_reservations_lies_end_to_end_and_each_part_is_its_own(store: TieredStore, ram: MemoryTier) -> None:
+    fp = store.register_model(SPEC)
+    n = SPEC.block_nbytes
+    got = store.reserve_ram_run([n, n, n])
+    assert got is not None
+    whole, parts = got
+    assert len(whole) == 3 * n and [p.offset - parts[0].offset for p in parts] == [0, n, 2 * n]
+    whole[:] = np.concatenate([payload(20), payload(21), payload(22)])  # one receive fills all three
+    key = BlockKey(NS, fp, b"\x03" * 32)
+    store.put(Block(BlockMeta(key, SPEC.dtype, SPEC.block_shape, SPEC.block_size), parts[1].view))
+    assert store.cancel_reservation(parts[0]) and store.cancel_reservation(parts[2])
+    assert ram.used_bytes == n  # only the adopted part is left
+    block = store.get(key)
+    assert block is not None and bytes(block.payload) == payload(21).tobytes()
+    assert store.reserve_ram_run([n, n + 1]) is None  # a size off the alignment would leave gaps between them
