@@ -4,6 +4,8 @@ Rows (GiB/s; ratio = value / baseline; every kvfabric figure is a client in this
 
   get, put   vs socket    one block per request over TCP, against a raw asyncio (uvloop) server process moving the
                           same number of bytes per request into / out of preallocated buffers: the TCP limit
+                          (batched rows, ``--batch-sizes``: ``--batch`` small blocks per request, as engines fetch
+                          them, against the raw server moving their bytes in one request)
   get, put   vs redis / mooncake / lmcache
                           the peers' own put-all/get-all rounds (``bench/peers``: servers here, client half in
                           ``.bench-venv/``), against kvfabric doing the same rounds with the same block count, right
@@ -17,8 +19,8 @@ The socket, memcpy and tcp baselines are measured interleaved with the value the
 median slice each), so a change of machine load hits both sides alike. Every block fetched by every path is
 compared with what was put (outside the timed loops).
 
-    python bench/transport.py [--json] [--sizes 16MiB,1MiB] [--seconds 2] [--count N] [--rounds 3]
-                              [--peers redis,mooncake,lmcache | none]
+    python bench/transport.py [--json] [--sizes 16MiB,1MiB] [--batch-sizes 256KiB,64KiB] [--batch 64]
+                              [--seconds 2] [--count N] [--rounds 3] [--peers redis,mooncake,lmcache | none]
 """
 
 from __future__ import annotations
@@ -67,12 +69,16 @@ def parse_size(text: str) -> int:
 
 
 def spec_for(nbytes: int) -> ModelSpec:
-    """A Llama-3-8B-like shard (32 layers, 8 KV heads x 128, bf16) whose block_size makes a block ``nbytes``."""
-    per_token = 32 * 2 * 8 * 128 * 2
-    if nbytes % per_token:
-        raise ValueError(f"block size must be a multiple of {per_token} bytes")
-    return ModelSpec(model="bench/llama-like", num_layers=32, kv_heads=8, head_dim=128, dtype=DType.BFLOAT16,
-                     block_size=nbytes // per_token)  # fmt: skip
+    """A Llama-3-8B-like shard (32 layers, 8 KV heads x 128, bf16) whose block_size makes a block ``nbytes``; a block
+    smaller than one token of every layer is 16 tokens of fewer layers (a pipeline stage's share)."""
+    per_layer_token = 2 * 8 * 128 * 2
+    layers, block_size = 32, nbytes // (32 * per_layer_token)
+    if nbytes < 32 * per_layer_token * 16:
+        layers, block_size = nbytes // (16 * per_layer_token), 16
+    if not layers or not block_size or layers * block_size * per_layer_token != nbytes:
+        raise ValueError(f"no block layout of {nbytes} bytes (a multiple of {16 * per_layer_token} is needed)")
+    return ModelSpec(model="bench/llama-like" if layers == 32 else f"bench/llama-like-{layers}", num_layers=layers, kv_heads=8, head_dim=128,
+                     dtype=DType.BFLOAT16, block_size=block_size)  # fmt: skip
 
 
 def env() -> dict[str, str]:
@@ -200,12 +206,12 @@ def row(metric: str, size: int, against: str, value: float, baseline: float, per
 
 @dataclass(frozen=True, slots=True)
 class Blocks:
-    """BLOCKS stored blocks of one size: the spec, their hashes, the bytes put, and destination arrays."""
+    """Stored blocks of one size (BLOCKS, or a batch): the spec, their hashes, the bytes put, destination arrays."""
 
     size: int
     spec: ModelSpec
     hashes: list[bytes]
-    data: np.ndarray  # [BLOCKS, size] uint8
+    data: np.ndarray  # [n, size] uint8
     outs: list[np.ndarray]
 
     def verify(self, client: Client, what: str) -> None:
@@ -214,14 +220,14 @@ class Blocks:
             assert g is not None and np.array_equal(g, self.data[k]), f"{what} get of block {k} differs from its put"
 
 
-def store_blocks(url: str, size: int) -> Blocks:
+def store_blocks(url: str, size: int, n: int = BLOCKS) -> Blocks:
     spec = spec_for(size)
     rng = np.random.default_rng(size)
-    data = rng.integers(0, 256, (BLOCKS, size), dtype=np.uint8)
+    data = rng.integers(0, 256, (n, size), dtype=np.uint8)
     with Client(url, shm=False, pool_size=1, timeout=60) as c:
-        hashes = c.block_hashes(spec, rng.integers(0, 32000, BLOCKS * spec.block_size))
-        assert c.put_blocks(spec, hashes, list(data)) == BLOCKS
-    return Blocks(size, spec, hashes, data, [np.zeros(size, dtype=np.uint8) for _ in range(BLOCKS)])
+        hashes = c.block_hashes(spec, rng.integers(0, 32000, n * spec.block_size))
+        assert c.put_blocks(spec, hashes, list(data)) == n
+    return Blocks(size, spec, hashes, data, [np.zeros(size, dtype=np.uint8) for _ in range(n)])
 
 
 def socket_rows(url: str, raw_port: int, b: Blocks, seconds: float, slices: int) -> list[dict[str, Any]]:
@@ -249,6 +255,28 @@ def socket_rows(url: str, raw_port: int, b: Blocks, seconds: float, slices: int)
         b.verify(tcp, "tcp")
     raw.close()
     return [row("get", b.size, "socket", get_v, get_b, 1), row("put", b.size, "socket", put_v, put_b, 1)]
+
+
+def batch_rows(url: str, raw_port: int, b: Blocks, seconds: float, slices: int) -> list[dict[str, Any]]:
+    """Every block of ``b`` in one GET / one PUT, against the raw server moving their bytes in one request."""
+    n = len(b.hashes)
+    raw = RawClient(raw_port)
+    flat_out = np.zeros(n * b.size, dtype=np.uint8)
+    flat_in = b.data.reshape(-1)
+    with Client(url, shm=False, pool_size=1, timeout=60) as tcp:
+        def get() -> int:
+            tcp.get_blocks(b.spec, b.hashes, b.outs)
+            return n * b.size
+
+        def put() -> int:
+            tcp.put_blocks(b.spec, b.hashes, list(b.data))
+            return n * b.size
+
+        get_v, get_b = interleaved([get, lambda: raw.get(memoryview(flat_out))], seconds, slices)
+        put_v, put_b = interleaved([put, lambda: raw.put(memoryview(flat_in))], seconds, slices)
+        b.verify(tcp, "batched tcp")
+    raw.close()
+    return [row("get", b.size, "socket", get_v, get_b, n), row("put", b.size, "socket", put_v, put_b, n)]
 
 
 def shm_rows(url: str, b: Blocks, seconds: float, slices: int, log: Log) -> list[dict[str, Any]]:
@@ -366,6 +394,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--sizes", default="16MiB,1MiB", help="comma-separated block sizes (default 16MiB,1MiB)")
+    parser.add_argument("--batch-sizes", default="256KiB,64KiB",
+                        help="block sizes of the batched rows, '' for none (default 256KiB,64KiB)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=64, help="blocks per request in the batched rows (default 64)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="time per figure in the socket / memcpy / tcp comparisons (default 2)")  # fmt: skip
     parser.add_argument("--slices", type=int, default=10, help="alternating slices per comparison (default 10)")
@@ -381,6 +412,7 @@ def main() -> int:
         uvloop.run(_raw_server_main(args.raw_server))
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    batch_sizes = [parse_size(s) for s in args.batch_sizes.split(",") if s.strip()]
     peers = [] if args.peers.strip() in ("", "none") else [p.strip() for p in args.peers.split(",")]
     if unknown := set(peers) - set(PEERS):
         parser.error(f"unknown peers {sorted(unknown)}; known: {', '.join(PEERS)}")
@@ -391,10 +423,12 @@ def main() -> int:
     def count_for(size: int) -> int:
         return args.count or max(BLOCKS, PEER_ROUND_BYTES // size)
 
-    ram = sum(BLOCKS * s for s in sizes) + (max(count_for(s) * s for s in sizes) if peers else 0) + (256 << 20)
+    ram = (sum(BLOCKS * s for s in sizes) + sum(args.batch * s for s in batch_sizes)
+           + (max(count_for(s) * s for s in sizes) if peers else 0) + (256 << 20))  # fmt: skip
     serve = [sys.executable, "-m", "kvfabric", "serve", "--port", "0", "--ram-bytes", str(ram), "--log-level",
              "WARNING"]  # fmt: skip
-    raw = [sys.executable, str(Path(__file__).resolve()), "--raw-server", str(max(sizes))]
+    raw_bytes = max([*sizes, *(args.batch * s for s in batch_sizes)])
+    raw = [sys.executable, str(Path(__file__).resolve()), "--raw-server", str(raw_bytes)]
     log(f"load average at start: {load()}")
     rows: list[dict[str, Any]] = []
     with child(serve) as port, child(raw) as raw_port:
@@ -405,11 +439,14 @@ def main() -> int:
             rows += socket_rows(url, raw_port, b, args.seconds, args.slices)
             rows += shm_rows(url, b, args.seconds, args.slices, log)
             rows += peer_rows(url, size, count_for(size), args.rounds, peers, log)
+        for size in batch_sizes:
+            rows += batch_rows(url, raw_port, store_blocks(url, size, args.batch), args.seconds, args.slices)
         for size in sizes:
             rows += nixl_rows(url, stored[size], args.seconds, args.slices, log)
     log(f"load average at end: {load()}")
     order = ["get", "put", "get_shm", "get_nixl"]
-    rows.sort(key=lambda r: (-r["size"], order.index(r["metric"])))
+    batched = lambda r: r["metric"] in ("get", "put") and r["blocks_per_call"] > 1  # noqa: E731
+    rows.sort(key=lambda r: (batched(r), -r["size"], order.index(r["metric"])))
     if args.json:
         for r in rows:
             print(json.dumps(r))

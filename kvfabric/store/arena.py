@@ -152,6 +152,21 @@ class Arena:
                 offset, size = prev, prev_size + size
         self._add_free(offset, size)
 
+    def split(self, offset: int, sizes: list[int]) -> list[int]:
+        """Cut the allocated extent at ``offset`` into consecutive extents of ``sizes`` (each a multiple of the
+        alignment, adding up to the extent's size), each then freed on its own; their offsets."""
+        size = self._used.get(offset)
+        if size is None:
+            raise ValueError(f"arena offset {offset} is not an allocated extent")
+        if sum(sizes) != size or any(n <= 0 or n % self.alignment for n in sizes):
+            raise ValueError(f"cannot split an extent of {size} bytes into {sizes}")
+        offsets = []
+        for n in sizes:
+            self._used[offset] = n
+            offsets.append(offset)
+            offset += n
+        return offsets
+
     def view(self, offset: int, n: int) -> memoryview:
         """A writable view of ``n`` bytes at ``offset``; valid until the extent is freed or the arena closed."""
         if self._closed:

@@ -63,6 +63,17 @@ class _Slot:
     live: bool = True  # False once deleted/overwritten/evicted while leased: freed at the last release
 
 
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """An arena extent set aside for one payload about to arrive: its receiver writes ``view``; then a ``put``
+    whose payload is this very ``view`` adopts the extent (no copy), or :meth:`MemoryTier.cancel` frees it. Until
+    then it is in no slot, so nothing can read it, and it is not evictable."""
+
+    view: memoryview
+    offset: int
+    extent: int
+
+
 class MemoryTier(Tier):
     """Byte-capped RAM tier over an :class:`~kvfabric.store.arena.Arena`."""
 
@@ -99,6 +110,7 @@ class MemoryTier(Tier):
         self._retired_bytes = 0  # extents of replaced/removed slots still held by a lease
         self._stats.capacity_bytes = capacity_bytes
         self._closed = False
+        self._reserved: dict[int, Reservation] = {}  # id(view) -> reservation (see reserve)
 
     # --- introspection -----------------------------------------------------------------------------------------
     @property
@@ -135,11 +147,13 @@ class MemoryTier(Tier):
             raise TierFullError(f"block {meta.key} of {n} bytes exceeds the RAM tier's {self.capacity_bytes} bytes")
         with self._lock:
             self._check_open()
-            offset = self._alloc(need, keep=meta.key)
+            claimed = self._claim(block.payload, need)
+            offset = claimed if claimed is not None else self._alloc(need, keep=meta.key)
         # Copy outside the lock: the fresh extent is in no slot yet, so nobody else can see or free it.
         try:
-            with self._arena.view(offset, n) as dst:
-                dst[:] = src
+            if claimed is None:  # (a reserved extent already holds the payload)
+                with self._arena.view(offset, n) as dst:
+                    dst[:] = src
         except BaseException:
             with self._lock:
                 if not self._closed:
@@ -299,6 +313,73 @@ class MemoryTier(Tier):
             if slot is None:
                 raise ValueError(f"lease {lease.lease_id} is not held")
             return self._arena.view(slot.offset, slot.nbytes).toreadonly()
+
+    # --- reservations: a payload received straight into the arena ------------------------------------------------
+    def reserve(self, nbytes: int, *, evict: bool) -> Reservation | None:
+        """An extent for a ``nbytes`` payload, or ``None`` when there is no room for it (with ``evict``, after
+        evicting by policy what may be evicted). Counted with the lease-held extents until put or cancelled."""
+        need = self._arena.extent_size(nbytes)
+        if need > self.capacity_bytes:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            if evict:
+                try:
+                    offset: int | None = self._alloc(need, keep=None)  # type: ignore[arg-type]
+                except TierFullError:
+                    return None
+            elif self._arena.used_bytes + need <= self.capacity_bytes:
+                offset = self._arena.alloc(need)
+            else:
+                offset = None
+            if offset is None:
+                return None
+            self._retired_bytes += need
+            reservation = Reservation(self._arena.view(offset, nbytes), offset, need)
+            self._reserved[id(reservation.view)] = reservation
+            return reservation
+
+    def reserve_run(self, sizes: list[int], *, evict: bool) -> tuple[memoryview, list[Reservation]] | None:
+        """Reservations for payloads of ``sizes`` that lie end to end in one run of the arena, and a view of the
+        whole run (so one receive can fill several); ``None`` when the run does not fit or the payloads would not
+        be contiguous (a size that is no multiple of the alignment)."""
+        if not sizes or any(n <= 0 or n % self._arena.alignment for n in sizes):
+            return None
+        run = self.reserve(sum(sizes), evict=evict)
+        if run is None:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            del self._reserved[id(run.view)]
+            parts = []
+            for offset, n in zip(self._arena.split(run.offset, sizes), sizes, strict=True):
+                part = Reservation(self._arena.view(offset, n), offset, n)
+                self._reserved[id(part.view)] = part
+                parts.append(part)
+        return run.view, parts
+
+    def cancel(self, reservation: Reservation) -> bool:
+        """Free a reservation no put adopted; ``False`` if one did (or it was cancelled already)."""
+        with self._lock:
+            if self._reserved.get(id(reservation.view)) is not reservation:
+                return False
+            del self._reserved[id(reservation.view)]
+            self._retired_bytes -= reservation.extent
+            if not self._closed:
+                self._arena.free(reservation.offset)
+            return True
+
+    def _claim(self, payload: object, need: int) -> int | None:
+        """The offset of the reservation whose view ``payload`` is, taken out of the reserved set (caller holds
+        the lock); ``None`` when ``payload`` is no reservation's view."""
+        reservation = self._reserved.get(id(payload))
+        if reservation is None or reservation.view is not payload or reservation.extent != need:
+            return None
+        del self._reserved[id(payload)]
+        self._retired_bytes -= reservation.extent
+        return reservation.offset
 
     # --- eviction and admission ------------------------------------------------------------------------------------
     def admits(self, meta: BlockMeta) -> bool:

@@ -54,7 +54,7 @@ from kvfabric.spec import ModelSpec
 from kvfabric.store.catalog import Catalog, NamespaceStats
 from kvfabric.store.config import WRITE_THROUGH, NamespacePolicy, StoreConfig
 from kvfabric.store.counters import StoreStats
-from kvfabric.store.memory import Lease, MemoryTier
+from kvfabric.store.memory import Lease, MemoryTier, Reservation
 from kvfabric.store.policy import make_policy
 from kvfabric.store.registry import ModelRegistry, PinRegistry
 from kvfabric.store.tier import Tier, TierCapabilities, TierStats, copy_payload
@@ -215,6 +215,29 @@ class TieredStore:
     def delete_model(self, namespace: Namespace, model: ModelFingerprint) -> int:
         """Remove every block of ``model`` in ``namespace``; how many."""
         return self.delete_many(self._keys_where(namespace, model))
+
+    # --- puts received straight into RAM -------------------------------------------------------------------------
+    def reserve_ram(self, nbytes: int) -> Reservation | None:
+        """An extent of the RAM arena for a ``nbytes`` payload about to arrive, or ``None`` where it cannot go to
+        RAM now (larger than a block may be, or RAM full): receive into a buffer of your own then. Eviction makes
+        room only when RAM is the only tier, as a victim needs no write below it (no I/O for the caller). Commit
+        by ``put_many`` of blocks whose payload is ``reservation.view`` (written through below as any put), and
+        :meth:`cancel_reservation` every reservation afterwards: the ones a put did not adopt are freed."""
+        if self._closed or nbytes > self.config.max_block_bytes:
+            return None
+        return self._ram.reserve(nbytes, evict=not self._lower)
+
+    def reserve_ram_run(self, sizes: list[int]) -> tuple[memoryview, list[Reservation]] | None:
+        """Like :meth:`reserve_ram` for several payloads at once, end to end in one run of the arena: the view of
+        the whole run, to receive them all in one go, and a reservation for each (commit and cancel as above);
+        ``None`` where they cannot go there together."""
+        if self._closed or any(n > self.config.max_block_bytes for n in sizes):
+            return None
+        return self._ram.reserve_run(sizes, evict=not self._lower)
+
+    def cancel_reservation(self, reservation: Reservation) -> bool:
+        """Free ``reservation`` unless a put adopted it; whether it was freed."""
+        return self._ram.cancel(reservation)
 
     # --- reads -----------------------------------------------------------------------------------------------------
     def get(self, key: BlockKey) -> Block | None:

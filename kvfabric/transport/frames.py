@@ -508,6 +508,12 @@ def _bin(v: Any, name: str, n: int | None = None) -> bytes:
     return v
 
 
+def _map(v: Any, name: str) -> dict[Any, Any]:
+    if not isinstance(v, dict):
+        raise ParseError(f"{name} must be a map")
+    return v
+
+
 def _list(v: Any, name: str, limits: Limits, header: FrameHeader) -> list[Any]:
     if not isinstance(v, list):
         raise ParseError(f"{name} must be an array")
@@ -551,17 +557,14 @@ def _p_hello(h: FrameHeader, f: list[Any], lim: Limits) -> Hello:
     version = _int(f[0], "version")
     if version != PROTOCOL_VERSION:
         raise ParseError(f"client speaks protocol {version}, server {PROTOCOL_VERSION}")
-    if not isinstance(f[2], dict):
-        raise ParseError("hello client info must be a map")
+    client = _map(f[2], "hello client info")
     features = tuple(_str(x, "feature") for x in _list(f[3], "features", lim, h))
-    return Hello(h.request_id, _str(f[1], "token", optional=True), f[2], features, version)
+    return Hello(h.request_id, _str(f[1], "token", optional=True), client, features, version)
 
 
 def _p_register(h: FrameHeader, f: list[Any], lim: Limits) -> RegisterModel:
     _arity(f, 1, "register_model")
-    if not isinstance(f[0], dict):
-        raise ParseError("model spec must be a map")
-    return RegisterModel(h.request_id, f[0])
+    return RegisterModel(h.request_id, _map(f[0], "model spec"))
 
 
 def _p_keys(h: FrameHeader, f: list[Any], lim: Limits) -> KeyRequest:
@@ -664,9 +667,7 @@ def _p_flags(h: FrameHeader, f: list[Any], lim: Limits) -> Flags:
 
 def _p_stats_ok(h: FrameHeader, f: list[Any], lim: Limits) -> StatsOk:
     _arity(f, 1, "stats_ok")
-    if not isinstance(f[0], dict):
-        raise ParseError("stats must be a map")
-    return StatsOk(h.request_id, f[0])
+    return StatsOk(h.request_id, _map(f[0], "stats"))
 
 
 def _p_leases(h: FrameHeader, f: list[Any], lim: Limits) -> Leases:

@@ -1,6 +1,7 @@
 """The data-plane server: one asyncio process serving the frame protocol over TCP (optionally TLS).
 
-Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive into put buffers). GET and LEASE
+Per connection a ``BufferedProtocol`` parses pipelined frames (zero-copy receive: a PUT's payload lands in RAM
+arena extents reserved for it, which the put adopts, or in buffers where RAM has no room). GET and LEASE
 of blocks in the RAM arena, and puts into a RAM-only store, are answered inside the callback (no I/O involved);
 everything that may touch the disk or object tier runs as a task through ``asyncio.to_thread``. Responses go out
 with one ``writelines`` from the store's own memory. RAM-arena blocks are sent from a lease, so a block on the wire
@@ -94,6 +95,12 @@ class StoreLease(Protocol):
     nbytes: int
 
 
+class PutReservation(Protocol):
+    """An arena extent a PUT's payload is received into (``kvfabric.store.memory.Reservation``)."""
+
+    view: memoryview
+
+
 class FabricStore(Protocol):
     """The part of ``kvfabric.store.tiered.TieredStore`` the server uses."""
 
@@ -112,6 +119,9 @@ class FabricStore(Protocol):
     def unpin(self, key: BlockKey) -> Any: ...
     def acquire(self, key: BlockKey, *, promote: bool = True) -> StoreLease | None: ...
     def release(self, lease: Any) -> None: ...
+    def reserve_ram(self, nbytes: int) -> PutReservation | None: ...
+    def reserve_ram_run(self, sizes: list[int]) -> tuple[memoryview, list[PutReservation]] | None: ...
+    def cancel_reservation(self, reservation: Any) -> bool: ...
     def tier_stats(self) -> dict[TierId, Any]: ...
     @property
     def tiers(self) -> list[TierId]: ...
@@ -430,7 +440,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.tls = False
         self.connected_at = self.last_received = self.last_active = time.monotonic()
-        self._put_buffers: dict[int, list[np.ndarray]] = {}  # request id -> buffers its payload lands in
+        self._put_buffers: dict[int, list[memoryview]] = {}  # request id -> buffers its payload lands in
+        self._put_reserved: dict[int, list[PutReservation]] = {}  # request id -> its arena extents (the buffers)
         self._put_errors: dict[int, Exception] = {}
         self._put_bytes: dict[int, int] = {}  # request id -> in-flight bytes it holds of both budgets
         self._own_budget = ByteBudget(server.inflight_per_connection)
@@ -532,6 +543,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiting_put = None
         for request_id in list(self._put_buffers):  # payloads that were still arriving; running puts give their own
             self._give_put_bytes(request_id)
+            self._cancel_reserved(request_id)
         self._put_buffers.clear()
         self._put_errors.clear()
         self.receiver.close()  # no more references from the receiver back to this connection
@@ -621,14 +633,42 @@ class _Connection(asyncio.BufferedProtocol):
         return DEFER
 
     def _put_segments(self, frame: fr.Put) -> list[memoryview] | None:
+        """Where the payload goes: straight into RAM arena extents the put then adopts without a copy, or (where
+        RAM has no room, or the blocks are not of a known model's size) buffers the put copies from."""
+        reserved = self._put_reserved[frame.request_id] = []
+        bufs: list[memoryview] = []
+        spec = self.store.model(frame.model) if self.server.arena is not None else None
+        sizes = [it.meta.nbytes for it in frame.items]
+        if len(sizes) > 1 and spec is not None and all(n == spec.block_nbytes for n in sizes):
+            # one run of the arena for the whole put: received in as few reads as the socket allows
+            run = self.store.reserve_ram_run(sizes)
+            if run is not None:
+                whole, parts = run
+                reserved.extend(parts)
+                self._put_buffers[frame.request_id] = [part.view for part in parts]
+                return [whole]
         try:
-            bufs = [np.empty(it.meta.nbytes, dtype=np.uint8) for it in frame.items]
+            for it in frame.items:
+                nbytes = it.meta.nbytes
+                res = self.store.reserve_ram(nbytes) if spec is not None and nbytes == spec.block_nbytes else None
+                if res is not None:
+                    reserved.append(res)
+                    bufs.append(res.view)
+                else:
+                    bufs.append(memoryview(np.empty(nbytes, dtype=np.uint8)))
         except MemoryError as exc:
             self._give_put_bytes(frame.request_id)
+            self._cancel_reserved(frame.request_id)
             self._put_errors[frame.request_id] = exc
             return None
         self._put_buffers[frame.request_id] = bufs
-        return [memoryview(b) for b in bufs]
+        return bufs
+
+    def _cancel_reserved(self, request_id: int) -> None:
+        """Free the arena extents of a put that no longer needs them (done, failed or never finished): the ones
+        the put adopted stay, the others go back to the free space, never having been visible."""
+        for res in self._put_reserved.pop(request_id, ()):
+            self.store.cancel_reservation(res)
 
     def _resume_put(self, frame: fr.Put) -> None:
         """The budget a waiting PUT needed is now held for it: receive its payload and read on."""
@@ -669,9 +709,10 @@ class _Connection(asyncio.BufferedProtocol):
             case fr.Put():
                 error = self._put_errors.pop(frame.request_id, None)
                 bufs = self._put_buffers.pop(frame.request_id, [])
+                in_arena = len(self._put_reserved.get(frame.request_id, ())) == len(bufs)  # nothing to copy
                 if error is not None:
                     self._send_error(frame.request_id, error)
-                elif self.server.has_lower_tiers or frame.payload_len > INLINE_PUT_BYTES:
+                elif self.server.has_lower_tiers or (frame.payload_len > INLINE_PUT_BYTES and not in_arena):
                     self._spawn(frame.request_id, self._put_below(frame, bufs))
                 else:
                     self._put(frame, bufs)
@@ -762,7 +803,7 @@ class _Connection(asyncio.BufferedProtocol):
         )
         self._send(fr.encode_model_ok(frame.request_id, fp))
 
-    def _blocks(self, frame: fr.Put, bufs: list[np.ndarray]) -> list[Block]:
+    def _blocks(self, frame: fr.Put, bufs: list[memoryview]) -> list[Block]:
         assert self.tenant is not None
         created = now_ms()
         blocks = []
@@ -770,11 +811,12 @@ class _Connection(asyncio.BufferedProtocol):
             m = item.meta
             key = BlockKey(self.tenant.name, frame.model, item.prefix)
             meta = BlockMeta(key, m.dtype, m.shape, m.token_count, m.parent, m.created_ms or created)
-            blocks.append(Block(meta, memoryview(buf)))
+            blocks.append(Block(meta, buf))  # the very view of a reservation, for the RAM tier to adopt it
         return blocks
 
-    def _put(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
-        """A small put into a RAM-only store: one copy into the arena, which would hold the GIL in a thread too."""
+    def _put(self, frame: fr.Put, bufs: list[memoryview]) -> None:
+        """A put into a RAM-only store received into the arena, or small: at most one small copy into the arena,
+        which would hold the GIL in a thread too."""
         started = time.perf_counter()
         try:
             blocks = self._blocks(frame, bufs)
@@ -784,10 +826,11 @@ class _Connection(asyncio.BufferedProtocol):
             return
         finally:
             self._give_put_bytes(frame.request_id)
+            self._cancel_reserved(frame.request_id)
         self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
-    async def _put_below(self, frame: fr.Put, bufs: list[np.ndarray]) -> None:
+    async def _put_below(self, frame: fr.Put, bufs: list[memoryview]) -> None:
         """Lower tiers write (disk, network) in a thread, and so does a large copy into RAM."""
         started = time.perf_counter()
         try:
@@ -795,6 +838,7 @@ class _Connection(asyncio.BufferedProtocol):
             await asyncio.to_thread(self.store.put_many, blocks)
         finally:
             self._give_put_bytes(frame.request_id)
+            self._cancel_reserved(frame.request_id)
         self._observe_put(started)
         self._send(fr.encode_count(frame.request_id, len(blocks)))
 
