@@ -286,7 +286,9 @@ def decode_runs(data: bytes | memoryview) -> RunBatch:
     hashes: list[PrefixHash] = []
     for item in items:
         if (type(item) is tuple and len(item) == width and item[1] == src and item[4] == model and item[3] == ns
-                and item[2] == med and item[0] == kind and (width == 6 or _tail_ok(item))):  # fmt: skip
+                and item[2] == med and item[0] == kind
+                and (width == 6 or (type(item[6]) is bytes and len(item[6]) == HASH_BYTES and type(item[7]) is int
+                                    and item[7] >= 0))):  # fmt: skip
             blob = item[5]
             if type(blob) is bytes and len(blob) == HASH_BYTES:
                 hashes.append(blob)  # type: ignore[arg-type]
