@@ -130,6 +130,32 @@ class EventBatch:
     events: tuple[KVEvent, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class HashRun:
+    """Consecutive ``BlockStored`` (``stored``) or ``BlockRemoved`` events of one location and scope with their
+    hashes joined in order: what the index takes from them, in the form it applies in bulk. Parents and
+    ``tokens_per_block`` are left out (the index does not use them)."""
+
+    stored: bool
+    location: tuple[str, TierId]
+    scope: tuple[Namespace, ModelFingerprint]
+    hashes: list[PrefixHash]
+
+
+EventRun = HashRun | AllCleared
+"""One step of a batch in columnar form: a run of stores or removals, or a clear."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """A batch as :func:`decode_runs` gives it: its runs in order, and how many events they came from."""
+
+    seq: int
+    ts: float
+    runs: list[EventRun]
+    events: int
+
+
 def _join_hashes(hashes: Sequence[bytes]) -> bytes:
     for h in hashes:
         if len(h) != HASH_BYTES:
@@ -175,7 +201,7 @@ def _hash(value: object, what: str) -> bytes:
 
 
 def _event_from_wire(item: object) -> KVEvent:
-    if not isinstance(item, list) or not item:
+    if not isinstance(item, list | tuple) or not item:
         raise EventFormatError("event must be a non-empty array")
     kind = item[0]
     if kind == _STORED and len(item) == 8:
@@ -195,42 +221,88 @@ def _event_from_wire(item: object) -> KVEvent:
     raise EventFormatError(f"unknown event kind {kind!r} with {len(item)} fields")
 
 
-def decode_batch(data: bytes | memoryview) -> EventBatch:
-    """Parse a batch made by :func:`encode_batch`; anything malformed raises :class:`EventFormatError`."""
+def _unpack_batch(data: bytes | memoryview, use_list: bool) -> tuple[int, float, Sequence[object]]:
+    """The checked header of a batch and its undecoded events (arrays as lists or, cheaper, as tuples)."""
     if len(data) > MAX_EVENT_BATCH_BYTES:
         raise EventFormatError(f"event batch of {len(data)} bytes exceeds {MAX_EVENT_BATCH_BYTES}")
     try:
-        top = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        top = msgpack.unpackb(data, raw=False, use_list=use_list, strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:
         raise EventFormatError(f"event batch is not valid msgpack: {exc}") from exc
-    if not isinstance(top, list) or len(top) != 4:
+    if not isinstance(top, list | tuple) or len(top) != 4:
         raise EventFormatError("event batch must be an array [version, seq, ts, events]")
     version, seq, ts, items = top
     if version != EVENT_FORMAT_VERSION:
         raise EventFormatError(f"event format version {version!r} is not supported (expected {EVENT_FORMAT_VERSION})")
-    if not isinstance(seq, int) or not isinstance(ts, int | float) or not isinstance(items, list):
+    if not isinstance(seq, int) or not isinstance(ts, int | float) or not isinstance(items, list | tuple):
         raise EventFormatError("event batch header has the wrong types")
+    return seq, float(ts), items
+
+
+def decode_batch(data: bytes | memoryview) -> EventBatch:
+    """Parse a batch made by :func:`encode_batch`; anything malformed raises :class:`EventFormatError`."""
+    seq, ts, items = _unpack_batch(data, use_list=True)
     events: list[KVEvent] = []
     checked: set[tuple[object, ...]] = set()  # (length, kind, source, medium, namespace, model) already validated
-    try:
-        for item in items:
-            # fast path: a well-formed store/remove whose header fields this batch has already validated
-            if type(item) is list and len(item) in (6, 8) and type(item[5]) is bytes and len(item[5]) == HASH_BYTES:
-                head = (len(item), item[0], item[1], item[2], item[3], item[4])
-                if head in checked and (len(item) == 6 or (type(item[6]) is bytes and len(item[6]) == HASH_BYTES
-                                                           and type(item[7]) is int and item[7] >= 0)):  # fmt: skip
-                    if len(item) == 8:
-                        events.append(BlockStored(item[1], item[2], item[3], item[4], (item[5],), item[6], item[7]))
-                    else:
-                        events.append(BlockRemoved(item[1], item[2], item[3], item[4], (item[5],)))
-                    continue
-                ev = _event_from_wire(item)
-                checked.add(head)
-                events.append(ev)
+    for item in items:
+        # fast path: a well-formed store/remove whose header fields this batch has already validated
+        if type(item) is list and len(item) in (6, 8) and type(item[5]) is bytes and len(item[5]) == HASH_BYTES:
+            head = (len(item), item[0], item[1], item[2], item[3], item[4])
+            if head in checked and (len(item) == 6 or _tail_ok(item)):
+                if len(item) == 8:
+                    events.append(BlockStored(item[1], item[2], item[3], item[4], (item[5],), item[6], item[7]))
+                else:
+                    events.append(BlockRemoved(item[1], item[2], item[3], item[4], (item[5],)))
                 continue
-            events.append(_event_from_wire(item))
-    except ValueError as exc:  # a field the dataclasses refuse
-        if isinstance(exc, EventFormatError):
-            raise
-        raise EventFormatError(str(exc)) from exc
-    return EventBatch(seq, float(ts), tuple(events))
+            ev = _event_from_wire(item)
+            checked.add(head)
+            events.append(ev)
+            continue
+        events.append(_event_from_wire(item))
+    return EventBatch(seq, ts, tuple(events))
+
+
+def _tail_ok(item: Sequence[object]) -> bool:
+    """The parent and tokens_per_block of a BlockStored array are well formed."""
+    parent, tpb = item[6], item[7]
+    return type(parent) is bytes and len(parent) == HASH_BYTES and type(tpb) is int and tpb >= 0
+
+
+def decode_runs(data: bytes | memoryview) -> RunBatch:
+    """Parse a batch made by :func:`encode_batch` into runs (the index's hot path): consecutive events of one kind,
+    location and scope become one :class:`HashRun`. Validates exactly what :func:`decode_batch` does and raises
+    the same :class:`EventFormatError`, before anything could be applied.
+
+    Per event, an event continuing the current run costs a few compares against its already-validated header and
+    one list append of its hash; only an event that starts a run is decoded and checked field by field."""
+    seq, ts, items = _unpack_batch(data, use_list=False)
+    runs: list[EventRun] = []
+    width = 0  # array length of the current run's events (6 or 8; 0: no run open)
+    kind: object = None
+    src: object = None
+    med: object = None
+    ns: object = None
+    model: object = None
+    hashes: list[PrefixHash] = []
+    for item in items:
+        if (type(item) is tuple and len(item) == width and item[1] == src and item[4] == model and item[3] == ns
+                and item[2] == med and item[0] == kind
+                and (width == 6 or (type(item[6]) is bytes and len(item[6]) == HASH_BYTES and type(item[7]) is int
+                                    and item[7] >= 0))):  # fmt: skip
+            blob = item[5]
+            if type(blob) is bytes and len(blob) == HASH_BYTES:
+                hashes.append(blob)  # type: ignore[arg-type]
+            else:
+                hashes += _split_hashes(blob)
+            continue
+        ev = _event_from_wire(item)
+        if type(ev) is AllCleared:
+            runs.append(ev)
+            width = 0
+            continue
+        assert isinstance(ev, BlockStored | BlockRemoved)
+        width = len(item)  # type: ignore[arg-type]
+        kind, src, med, ns, model = item[0], ev.source, ev.medium, ev.namespace, ev.model  # type: ignore[index]
+        hashes = list(ev.hashes)
+        runs.append(HashRun(width == 8, (ev.source, ev.medium), (ev.namespace, ev.model), hashes))
+    return RunBatch(seq, ts, runs, len(items))

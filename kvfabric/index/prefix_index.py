@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import add, and_, eq, ne, rshift, sub, xor
 
-from kvfabric.events import AllCleared, BlockRemoved, BlockStored, KVEvent
+from kvfabric.events import AllCleared, BlockRemoved, BlockStored, EventRun, HashRun, KVEvent
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash, TierId
 
 Scope = tuple[Namespace, ModelFingerprint]
@@ -230,82 +230,67 @@ class PrefixIndex:
         self.apply_many((event,))
 
     def apply_many(self, events: Iterable[KVEvent]) -> int:
-        """Apply events in order; returns how many were applied. Per block this is a few dict operations."""
-        bits = self._bits
-        scopes = self._scopes
-        counts = self._counts
-        bitval = self._bitval
-        # Batches mostly come from one publisher about one scope: remember the last lookups, by identity first.
-        last_src: object = None
-        last_med: object = None
-        last_ns: object = None
-        last_model: object = None
-        b = -1
-        table: dict[bytes, int] = {}
-        n = 0
+        """Apply events in order; returns how many were applied.
+
+        Consecutive events of one kind, location and scope (a publisher's batch) are gathered by one cheap loop and
+        applied as one run: the hashes are marked by C-level ``map`` over ``dict.setdefault``, so the per-event
+        Python work is a few attribute compares (fields are compared by identity first: publishers reuse them)."""
+        events = events if isinstance(events, list | tuple) else list(events)
+        kind: type | None = None
+        src: object = None
+        med: object = None
+        ns: object = None
+        model: object = None
+        run: list[tuple[PrefixHash, ...]] = []
         for ev in events:
+            if type(ev) is kind and ev.model is model and ev.namespace is ns and ev.medium is med and ev.source == src:
+                run.append(ev.hashes)
+                continue
+            if type(ev) is kind and ev.model == model and ev.namespace == ns and ev.medium == med and ev.source == src:
+                run.append(ev.hashes)  # the same place in other objects (events decoded one by one)
+                continue
+            if run:
+                self._apply_run(kind is BlockStored, (src, med), (ns, model), run)  # type: ignore[arg-type]
             kind = type(ev)
-            if kind is BlockStored:
-                src = ev.source
-                med = ev.medium
-                if src is not last_src or med is not last_med:
-                    found = bits.get((src, med))
-                    b = self._add_location(src, med) if found is None else found
-                    last_src, last_med = src, med
-                ns = ev.namespace
-                model = ev.model
-                if ns is not last_ns or model is not last_model:
-                    scope = (ns, model)
-                    table = scopes.get(scope)  # type: ignore[assignment]
-                    if table is None:
-                        table = scopes[scope] = {}
-                    last_ns, last_model = ns, model
-                bit = bitval[b]
-                hashes = ev.hashes
-                if len(hashes) == 1:
-                    h = hashes[0]
-                    old = table.get(h, 0)
-                    if not old:
-                        table[h] = bit
-                        counts[b] += 1
-                    elif not old & bit:
-                        table[h] = old | bit
-                        counts[b] += 1
-                else:
-                    added = 0
-                    get = table.get
-                    for h in hashes:
-                        old = get(h, 0)
-                        if not old:
-                            table[h] = bit
-                            added += 1
-                        elif not old & bit:
-                            table[h] = old | bit
-                            added += 1
-                    counts[b] += added
-            elif kind is BlockRemoved:
-                found = bits.get((ev.source, ev.medium))
-                rtable = scopes.get((ev.namespace, ev.model))
-                if found is not None and rtable is not None:
-                    bit = bitval[found]
-                    removed = 0
-                    get = rtable.get
-                    for h in ev.hashes:
-                        old = get(h, 0)
-                        if old & bit:
-                            if old == bit:
-                                del rtable[h]
-                            else:
-                                rtable[h] = old ^ bit
-                            removed += 1
-                    counts[found] -= removed
+            if kind is BlockStored or kind is BlockRemoved:
+                src, med, ns, model = ev.source, ev.medium, ev.namespace, ev.model
+                run = [ev.hashes]
             elif kind is AllCleared:
                 self.remove_location(ev.source, ev.medium)
-                last_src = None  # its bit may be gone
+                kind, run = None, []
             else:
                 raise TypeError(f"not a KV event: {kind.__name__}")
-            n += 1
-        return n
+        if run:
+            self._apply_run(kind is BlockStored, (src, med), (ns, model), run)  # type: ignore[arg-type]
+        return len(events)
+
+    def apply_runs(self, runs: Iterable[EventRun]) -> None:
+        """Apply the runs of a batch decoded by :func:`kvfabric.events.decode_runs`, in order: the same index as
+        applying the batch's events one by one, without an object per event."""
+        for run in runs:
+            if type(run) is HashRun:
+                self._apply_run(run.stored, run.location, run.scope, (run.hashes,))
+            elif type(run) is AllCleared:
+                self.remove_location(run.source, run.medium)
+            else:
+                raise TypeError(f"not an event run: {type(run).__name__}")
+
+    def _apply_run(
+        self, stored: bool, location: tuple[str, TierId], scope: Scope, hashes: list[Sequence[PrefixHash]]
+    ) -> None:
+        """Mark (``stored``) or unmark ``location``'s bit on the hashes of ``hashes`` (one sequence per event)."""
+        found = self._bits.get(location)
+        if stored:
+            b = self._add_location(*location) if found is None else found
+            table = self._scopes.get(scope)
+            if table is None:
+                table = self._scopes[scope] = {}
+            flat = hashes[0] if len(hashes) == 1 else list(chain.from_iterable(hashes))
+            self._counts[b] += _mark(table, self._bitval[b], flat)
+        elif found is not None:
+            table = self._scopes.get(scope)
+            if table is not None:
+                self._counts[found] -= _unmark(table, self._bitval[found], chain.from_iterable(hashes))
 
     # --- queries ---------------------------------------------------------------------------------------------------
     def walk(
@@ -448,6 +433,43 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         return sum(len(t) for t in self._scopes.values())
+
+
+def _mark(table: dict[bytes, int], bit: int, hashes: Sequence[PrefixHash]) -> int:
+    """Set ``bit`` on every hash of ``hashes``; returns how many did not have it.
+
+    New hashes get ``bit`` itself (the location's shared int). When none is in the table yet (the usual case), one
+    C-level pass checks that and one merges them in; otherwise ``setdefault`` adds the new ones and the hashes held
+    already, by others only, get the bit OR-ed in one by one, re-read so a hash repeated in ``hashes`` counts once."""
+    before = len(table)
+    if table.keys().isdisjoint(hashes):
+        table.update(dict.fromkeys(hashes, bit))
+        return len(table) - before
+    held = list(map(table.setdefault, hashes, repeat(bit)))
+    added = len(table) - before
+    if held.count(bit) != len(held):
+        for h in compress(hashes, map(ne, held, repeat(bit))):
+            old = table[h]
+            if not old & bit:
+                table[h] = old | bit
+                added += 1
+    return added
+
+
+def _unmark(table: dict[bytes, int], bit: int, hashes: Iterable[PrefixHash]) -> int:
+    """Clear ``bit`` on every hash of ``hashes`` (a hash held by nobody then leaves the table); returns how many
+    had it."""
+    removed = 0
+    get = table.get
+    for h in hashes:
+        old = get(h, 0)
+        if old & bit:
+            if old == bit:
+                del table[h]
+            else:
+                table[h] = old ^ bit
+            removed += 1
+    return removed
 
 
 def _spread(m: int, groups: list[int]) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvfabric.errors import UnknownModelError
-from kvfabric.events import KVEvent, decode_batch
+from kvfabric.events import KVEvent, decode_runs
 from kvfabric.hashing import prefix_hashes, root_hash, tenant_salt
 from kvfabric.ids import ModelFingerprint, Namespace, PrefixHash
 from kvfabric.index.local_feed import LoopEventSink
@@ -149,8 +149,12 @@ class IndexService:
         return n
 
     def ingest_batch(self, payload: bytes) -> int:
-        """Apply one kvfabric event batch (``kvfabric.events.encode_batch``)."""
-        return self.ingest(decode_batch(payload).events)
+        """Apply one kvfabric event batch (``kvfabric.events.encode_batch``), decoded into runs rather than an object
+        per event; a malformed batch raises before any of it is applied."""
+        batch = decode_runs(payload)
+        self.index.apply_runs(batch.runs)
+        self.events_applied += batch.events
+        return batch.events
 
     def subscribe_events(self, endpoint: str = "tcp://127.0.0.1:0", *, bind: bool = True) -> ZmqEventSubscriber:
         """Subscribe to kvfabric event batches (call from the running loop); returns the started subscriber."""
