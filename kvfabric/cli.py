@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMAND_MODULES = (
-    "kvfabric.transport.serve",
-    "kvfabric.admin_cli",
-)
+from kvfabric import admin_cli, node
+
+COMMAND_MODULES = (node, admin_cli)
 """Modules defining subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``."""
 
 
@@ -18,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfabric", description="Persistent KV-cache data fabric for LLM inference")
     parser.add_argument("--version", action="version", version=f"kvfabric {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

@@ -14,11 +14,13 @@ import math
 import os
 import re
 import tomllib
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,10 +36,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from kvfabric.codec import Codec
 from kvfabric.errors import ConfigError
 from kvfabric.ids import MAX_NAMESPACE_BYTES
-
-if TYPE_CHECKING:
-    from kvfabric.store.config import StoreConfig
-    from kvfabric.store.object import ObjectTierConfig
+from kvfabric.store.config import DiskConfig, FsyncMode, NamespacePolicy, RamConfig, StoreConfig, WritePolicy
+from kvfabric.store.object.config import AddressingStyle, ObjectTierConfig
+from kvfabric.store.policy import POLICIES
 
 ENV_PREFIX = "KVFABRIC_"
 ENV_NESTED = "__"
@@ -90,7 +91,6 @@ def format_size(n: int) -> str:
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-WritePolicy = Literal["write-through", "write-back"]
 Scope = Literal["read", "write", "admin"]
 
 
@@ -99,6 +99,29 @@ def _codec_name(value: object) -> str:
 
 
 CodecName = Annotated[str, BeforeValidator(_codec_name)]
+"""A codec as the files spell it (``shuffle_zstd``); the store's types hold the ``Codec`` itself."""
+
+
+def _known_ram_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"unknown RAM eviction policy {name!r}; known: {sorted(POLICIES)}")
+    return name
+
+
+RamPolicyName = Annotated[str, AfterValidator(_known_ram_policy)]
+
+
+def default_of(config_type: type, name: str) -> Any:
+    """The default of field ``name`` of the store's config dataclass ``config_type``: the settings below take every
+    store default from there, so the file's defaults and the store's are one."""
+    for f in fields(config_type):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{config_type.__name__}.{name} has no default")
+    raise AttributeError(f"{config_type.__name__} has no field {name!r}")
 
 
 def _check_namespace(name: str) -> str:
@@ -231,79 +254,86 @@ class ServerSettings(_Section):
 
 
 # --- store -------------------------------------------------------------------------------------------------------
+# Keys of one tier are spelled as in the file (``ram_bytes``), documented and defaulted by the store's own config
+# types (``kvfabric.store.config``); StoreConfig takes these spellings as they are.
 class CodecSettings(_Section):
     """Payload codec per tier; RAM always holds raw payloads (the engine reads them in place)."""
 
-    disk: CodecName = "raw"
-    object: CodecName = "shuffle_zstd"
+    disk: CodecName = default_of(DiskConfig, "codec").name.lower()
+    object: CodecName = default_of(ObjectTierConfig, "codec").name.lower()
 
 
 class WritePolicySettings(_Section):
-    disk: WritePolicy = "write-through"
+    disk: WritePolicy = default_of(StoreConfig, "write_policy")["disk"]
     """write-through: a put returns once the disk tier holds the block (per ``fsync``); write-back: puts land in
     RAM and reach disk in the background (faster, loses un-flushed blocks on a crash)."""
 
 
 class StoreSettings(_Section):
-    data_dir: Path | None = None
+    data_dir: Path | None = default_of(StoreConfig, "data_dir")
     """Where the disk tier lives; unset: RAM only."""
-    ram_bytes: Size = 1 << 30
-    disk_bytes: Size | None = None
+    ram_bytes: PositiveSize = default_of(RamConfig, "bytes")
+    disk_bytes: Size | None = default_of(DiskConfig, "bytes")
     """Disk tier capacity; unset with a ``data_dir``: 64 GiB."""
-    fsync: Literal["always", "group", "none"] = "group"
-    group_commit_ms: float = Field(2.0, gt=0)
-    max_block_bytes: PositiveSize = 64 << 20
+    fsync: FsyncMode = default_of(DiskConfig, "fsync")
+    group_commit_ms: float = Field(default_of(DiskConfig, "group_commit_ms"), gt=0)
+    max_block_bytes: PositiveSize = default_of(StoreConfig, "max_block_bytes")
     codec: CodecSettings = CodecSettings()
     write_policy: WritePolicySettings = WritePolicySettings()
-    node_id: str = Field("local", min_length=1)
-    ram_policy: Literal["lru", "prefix-cost"] = "lru"
-    """RAM eviction: least recently used, or prefix-cost (keeps blocks deep in long prefixes, which cost most to
-    recompute)."""
-    ram_high_watermark: float = Field(0.95, gt=0, le=1)
-    ram_low_watermark: float = Field(0.85, gt=0, le=1)
-    """Above high x ram_bytes the store evicts (demoting to lower tiers) down to low x ram_bytes."""
-    shm_dir: str | None = "/dev/shm"
-    """Directory of the RAM arena's shared-memory file (same-host zero-copy reads); unset: anonymous memory."""
-    ram_prefault: bool = False
-    """Fault the whole RAM arena in at start (steady latency from the first put; takes ram_bytes at once)."""
-    flush_interval_s: float = Field(0.2, gt=0)
-    """How often write-back queues are drained in the background."""
-    writeback_backlog_max: int = Field(1_000_000, gt=0)
-    """Most blocks queued for a write-back tier before the oldest queued copies are skipped (and counted)."""
+    node_id: str = Field(default_of(StoreConfig, "node_id"), min_length=1)
+    ram_policy: RamPolicyName = default_of(RamConfig, "policy")
+    ram_high_watermark: float = Field(default_of(RamConfig, "high_watermark"), gt=0, le=1)
+    ram_low_watermark: float = Field(default_of(RamConfig, "low_watermark"), gt=0, le=1)
+    shm_dir: str | None = default_of(RamConfig, "shm_dir")
+    ram_prefault: bool = default_of(RamConfig, "prefault")
+    flush_interval_s: float = Field(default_of(StoreConfig, "flush_interval_s"), gt=0)
+    writeback_backlog_max: int = Field(default_of(StoreConfig, "writeback_backlog_max"), gt=0)
 
     @model_validator(mode="after")
-    def _watermarks_ordered(self) -> StoreSettings:
-        if self.ram_low_watermark > self.ram_high_watermark:
-            raise ValueError("ram_low_watermark must not exceed ram_high_watermark")
+    def _the_store_accepts_it(self) -> StoreSettings:
+        # The store's own checks (watermark order, ...) at load time, so a bad file fails before anything opens.
+        try:
+            self.store_config()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return self
+
+    def store_config(self, **more: Any) -> StoreConfig:
+        """This section as the store's config; ``more``: the parts other sections give (object tier, namespaces)."""
+        flat = self.model_dump(exclude={"codec", "write_policy"})
+        return StoreConfig(**flat, disk_codec=self.codec.disk, **more)
 
 
 # --- object tier -------------------------------------------------------------------------------------------------
+_OBJECT_OWN = frozenset({"upload", "startup_wait_s", "access_key_id", "secret_access_key"})
+"""``[object]`` keys that are not ``ObjectTierConfig`` fields of the same name and meaning."""
+
+
 class ObjectSettings(_Section):
     """The S3-compatible shared tier; on when ``bucket`` is set."""
 
-    endpoint_url: str | None = None
+    endpoint_url: str | None = default_of(ObjectTierConfig, "endpoint_url")
     """e.g. ``http://127.0.0.1:8333`` (SeaweedFS) or unset for AWS."""
     bucket: str | None = None
-    prefix: str = "kvfabric"
+    prefix: str = default_of(ObjectTierConfig, "prefix")
     """Key prefix of everything this node writes; one writer per prefix."""
-    region: str | None = None
-    profile: str | None = None
-    storage_class: str | None = None
-    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    region: str | None = default_of(ObjectTierConfig, "region")
+    profile: str | None = default_of(ObjectTierConfig, "profile")
+    storage_class: str | None = default_of(ObjectTierConfig, "storage_class")
+    addressing_style: AddressingStyle = default_of(ObjectTierConfig, "addressing_style")
     access_key_id: SecretStr | None = None
     """Unset: boto3's usual chain (env ``AWS_ACCESS_KEY_ID``, profile, instance role)."""
     secret_access_key: SecretStr | None = None
-    upload: WritePolicy = "write-back"
+    upload: WritePolicy = default_of(StoreConfig, "write_policy")["object"]
     """write-back: blocks reach the object tier in the background (S3 latency and outages never reach engines);
     write-through: a put returns once its block's segment and manifest are in the bucket."""
-    segment_bytes: PositiveSize = 64 << 20
+    segment_bytes: PositiveSize = default_of(ObjectTierConfig, "segment_bytes")
     """Blocks are packed into segment objects of this size."""
-    seal_after_s: float | None = Field(5.0, gt=0)
+    seal_after_s: float | None = Field(default_of(ObjectTierConfig, "seal_after_s"), gt=0)
     """An open segment older than this is sealed and uploaded, bounding what a crash loses."""
-    backlog_bytes: PositiveSize = 1 << 30
+    backlog_bytes: PositiveSize = default_of(ObjectTierConfig, "backlog_bytes")
     """Most bytes held in memory awaiting upload; beyond it the object tier refuses writes until it catches up."""
-    create_bucket: bool = False
+    create_bucket: bool = default_of(ObjectTierConfig, "create_bucket")
     """Create the bucket on start when missing (development setups)."""
     startup_wait_s: float = Field(30.0, ge=0)
     """How long ``kvfabric serve`` retries an unreachable object store at start (with a countdown) before it gives up."""
@@ -317,6 +347,19 @@ class ObjectSettings(_Section):
     @property
     def enabled(self) -> bool:
         return bool(self.bucket)
+
+    def tier_config(self, codec: str) -> ObjectTierConfig | None:
+        """This section as the object tier's config, or ``None`` when the tier is off."""
+        if not self.enabled:
+            return None
+        same = self.model_dump(exclude=_OBJECT_OWN)
+        return ObjectTierConfig(
+            **same,
+            access_key_id=self.access_key_id.get_secret_value() if self.access_key_id else None,
+            secret_access_key=self.secret_access_key.get_secret_value() if self.secret_access_key else None,
+            codec=Codec.parse(codec),
+            durable_put=self.upload is WritePolicy.WRITE_THROUGH,
+        )
 
 
 # --- namespaces, index -------------------------------------------------------------------------------------------
@@ -399,57 +442,18 @@ class Settings(BaseSettings):
 
     def store_config(self) -> StoreConfig:
         """The store's plain-data config (``kvfabric.store.config.StoreConfig``)."""
-        from kvfabric.store.config import NamespacePolicy, StoreConfig
-
-        st = self.store
-        return StoreConfig(
-            data_dir=st.data_dir,
-            ram_bytes=st.ram_bytes,
-            disk_bytes=st.disk_bytes,
-            fsync=st.fsync,
-            group_commit_ms=st.group_commit_ms,
-            disk_codec=st.codec.disk,
+        return self.store.store_config(
             object=self.object_tier_config(),
-            write_policy={"disk": st.write_policy.disk, "object": self.object.upload},
-            max_block_bytes=st.max_block_bytes,
+            write_policy={"disk": self.store.write_policy.disk, "object": self.object.upload},
             namespaces={
                 name: NamespacePolicy(ttl_s=ns.ttl_s, quota_bytes=ns.quota_bytes)
                 for name, ns in self.namespaces.items()
             },
-            node_id=st.node_id,
-            ram_policy=st.ram_policy,
-            ram_high_watermark=st.ram_high_watermark,
-            ram_low_watermark=st.ram_low_watermark,
-            shm_dir=st.shm_dir,
-            ram_prefault=st.ram_prefault,
-            flush_interval_s=st.flush_interval_s,
-            writeback_backlog_max=st.writeback_backlog_max,
         )
 
     def object_tier_config(self) -> ObjectTierConfig | None:
         """The object tier's config (``kvfabric.store.object.ObjectTierConfig``), or ``None`` when it is off."""
-        obj = self.object
-        if not obj.enabled:
-            return None
-        from kvfabric.store.object import ObjectTierConfig
-
-        return ObjectTierConfig(
-            bucket=obj.bucket or "",
-            prefix=obj.prefix,
-            endpoint_url=obj.endpoint_url,
-            region=obj.region,
-            profile=obj.profile,
-            storage_class=obj.storage_class,
-            addressing_style=obj.addressing_style,
-            access_key_id=obj.access_key_id.get_secret_value() if obj.access_key_id else None,
-            secret_access_key=obj.secret_access_key.get_secret_value() if obj.secret_access_key else None,
-            codec=Codec.parse(self.store.codec.object),
-            segment_bytes=obj.segment_bytes,
-            seal_after_s=obj.seal_after_s,
-            durable_put=obj.upload == "write-through",
-            backlog_bytes=obj.backlog_bytes,
-            create_bucket=obj.create_bucket,
-        )
+        return self.object.tier_config(self.store.codec.object)
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain JSON-able data, secrets masked, unset keys left out."""

@@ -246,3 +246,13 @@ def test_command_line_values_win_over_the_environment_and_keep_the_rest(monkeypa
         s.overridden(store={"ram_bytes": -1})
     with pytest.raises(ConfigError, match=r"server\.port"):
         s.overridden(server={"port": 70000})
+
+
+def test_the_settings_defaults_are_the_stores() -> None:
+    from kvfabric.store.config import StoreConfig
+    from kvfabric.store.object import ObjectTierConfig
+
+    # The settings take their defaults from the store's types; the store built from empty settings is the default.
+    assert Settings().store_config() == StoreConfig()
+    obj = load_settings(None).overridden(object={"bucket": "b"}).object_tier_config()
+    assert obj == ObjectTierConfig(bucket="b")

@@ -51,9 +51,8 @@ def test_serve_round_trip_and_restart(tmp_path: Path) -> None:
 
 def test_limits_deadlines_and_scoped_tokens_come_from_the_config(tmp_path: Path) -> None:
     from kvfabric.config import load_settings
+    from kvfabric.node import _keying_secret, _server_config
     from kvfabric.transport.auth import TokenGrant
-    from kvfabric.transport.serve import _keying_secret, _server_config
-    from tests.transport.servers import open_store
 
     cfg = tmp_path / "node.toml"
     cfg.write_text("""
@@ -78,12 +77,8 @@ scopes = ["read", "write"]
 namespaces = ["tenant-a", "tenant-b"]
 """)
     args = build_parser().parse_args(["serve", "--port", "0", "--config", str(cfg)])
-    store = open_store()
-    try:
-        settings = load_settings(str(cfg))
-        config = _server_config(args, store, settings, _keying_secret(args, settings))
-    finally:
-        store.close()
+    settings = load_settings(str(cfg))
+    config = _server_config(args, settings, _keying_secret(args, settings))
     assert config.limits.max_batch == 100 and config.limits.max_payload_bytes == 8 << 20
     assert config.limits.max_block_bytes == 8 << 20  # no block larger than a frame
     assert config.handshake_timeout_s == 1.5 and config.max_connections_per_peer == 7 and config.fd_reserve == 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from kvfabric.codec import Codec
@@ -12,6 +13,16 @@ READABLE_STORAGE_CLASSES = frozenset({
     "EXPRESS_ONEZONE",
 })  # fmt: skip
 """Storage classes that serve ranged GETs at once; archive classes (GLACIER, DEEP_ARCHIVE) need a restore first."""
+
+
+class AddressingStyle(enum.StrEnum):
+    """How boto3 puts the bucket in request URLs."""
+
+    PATH = "path"
+    """``endpoint/bucket/key``: works with every S3-compatible server."""
+    VIRTUAL = "virtual"
+    """``bucket.endpoint/key``: AWS."""
+    AUTO = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +43,13 @@ class ObjectTierConfig:
     profile: str | None = None
     storage_class: str | None = None
     """``StorageClass`` of uploaded objects; ``None`` leaves the bucket's default."""
-    addressing_style: str = "path"
-    """``path`` works with every S3-compatible server; ``virtual``/``auto`` for AWS-only setups."""
+    addressing_style: AddressingStyle = AddressingStyle.PATH
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
 
-    codec: Codec = Codec.RAW
+    codec: Codec = Codec.SHUFFLE_ZSTD
+    """Payload codec of the blocks in segments (settings: ``store.codec.object``): byte-shuffled zstd, as KV
+    tensors compress well once their bytes are grouped by position and S3 bandwidth is what a load waits on."""
     segment_bytes: int = 64 << 20
     """An open segment is sealed and uploaded once it holds this many bytes (or on flush/close/seal_after_s)."""
     seal_after_s: float | None = 5.0
@@ -75,8 +87,12 @@ class ObjectTierConfig:
                 f"object.storage_class {self.storage_class!r} cannot serve ranged GETs without a restore; "
                 f"use one of {sorted(READABLE_STORAGE_CLASSES)}"
             )
-        if self.addressing_style not in ("path", "virtual", "auto"):
-            raise ConfigError(f"object.addressing_style must be path, virtual or auto, got {self.addressing_style!r}")
+        try:
+            object.__setattr__(self, "addressing_style", AddressingStyle(self.addressing_style))
+        except ValueError:
+            raise ConfigError(
+                f"object.addressing_style must be path, virtual or auto, got {self.addressing_style!r}"
+            ) from None
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ConfigError("object needs both access_key_id and secret_access_key, or neither")
         positive = ("segment_bytes", "backlog_bytes", "max_range_bytes", "max_concurrency", "max_attempts")

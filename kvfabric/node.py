@@ -1,8 +1,10 @@
-"""``kvfabric serve``: one process serving the data plane over TCP for a TieredStore, and the admin app (REST API,
-``/metrics``, dashboard) on its own port.
+"""A kvfabric node, the composition root: the TieredStore, the data-plane server over it, and with an admin port the
+index fed by the store's tiers and the admin app (REST API, ``/metrics``, dashboard); and ``kvfabric serve``, which
+runs one.
 
-Settings come from ``--config`` (or ``$KVFABRIC_CONFIG``) and ``KVFABRIC_*`` environment variables
-(``kvfabric.config``); command-line flags given explicitly override them."""
+This is the one module that wires the layers together, so ``transport/``, ``store/``, ``index/`` and ``api/`` need
+not know of one another. Settings come from ``--config`` (or ``$KVFABRIC_CONFIG``) and ``KVFABRIC_*`` environment
+variables (``kvfabric.config``); command-line flags given explicitly override them."""
 
 from __future__ import annotations
 
@@ -16,22 +18,24 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvfabric.config import CONFIG_PATH_ENV, Settings, load_settings
 from kvfabric.errors import ConfigError, KVFabricError
-from kvfabric.events import EventSink
 from kvfabric.index.local_feed import LoopEventSink, announce_held
+from kvfabric.keying import DataDir, KeyingSecret, MetaStore, resolve_secret, verify
+from kvfabric.startup import capacity_warnings, placeholder_warnings, probe_object_store
+from kvfabric.store.config import StoreConfig
+from kvfabric.store.tiered import TieredStore
 from kvfabric.transport.auth import TokenGrant
 from kvfabric.transport.frames import Limits
 from kvfabric.transport.server import FabricServer, ServerConfig
 
 if TYPE_CHECKING:
+    from kvfabric.api.metrics import Metrics
     from kvfabric.index.service import IndexService
-    from kvfabric.keying import KeyingSecret, MetaStore
-    from kvfabric.store.config import StoreConfig
 
 log = logging.getLogger("kvfabric.serve")
 READY_LINE = "kvfabric serve: listening on {host}:{port}"
@@ -75,17 +79,7 @@ def _tokens(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _open_store(store_config: StoreConfig, events: EventSink | None) -> Any:
-    from kvfabric.store.tiered import TieredStore
-
-    store = TieredStore.open(store_config, events=events)
-    store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
-    return store
-
-
 def _keying_secret(args: argparse.Namespace, settings: Settings) -> KeyingSecret:
-    from kvfabric.keying import resolve_secret
-
     srv = settings.server
     obj = settings.object
     return resolve_secret(
@@ -98,15 +92,12 @@ def _keying_secret(args: argparse.Namespace, settings: Settings) -> KeyingSecret
 
 def _verify_keying(place: MetaStore, keying: KeyingSecret) -> None:
     """Refuse to serve over blocks keyed with another secret (they would all miss, silently)."""
-    from kvfabric.keying import verify
-
     if verify(place, keying) == "recorded over existing blocks":
         log.warning("%s held blocks but no keying check; recorded this node's (%s)", place.describe(), keying.origin)
 
 
-def _server_config(args: argparse.Namespace, store: Any, settings: Settings, keying: KeyingSecret) -> ServerConfig:
+def _server_config(args: argparse.Namespace, settings: Settings, keying: KeyingSecret) -> ServerConfig:
     srv = settings.server
-    secret = keying.secret
     tokens: dict[str, str | TokenGrant] = dict(_tokens(args.token))  # --token: every scope in its tenant
     if not tokens and srv.auth.enabled:
         tokens = {t.token.get_secret_value(): TokenGrant.of(t.tenant, t.scopes, t.namespaces) for t in srv.auth.tokens}
@@ -119,11 +110,10 @@ def _server_config(args: argparse.Namespace, store: Any, settings: Settings, key
         from kvfabric.transport.tls import server_context
 
         ssl_ctx = server_context(cert, key)
-    max_block = getattr(getattr(store, "config", None), "max_block_bytes", None) or Limits().max_block_bytes
     limits = Limits(max_batch=srv.max_batch, max_payload_bytes=srv.max_frame_bytes,
-                    max_block_bytes=min(max_block, srv.max_frame_bytes))  # fmt: skip
+                    max_block_bytes=min(settings.store.max_block_bytes, srv.max_frame_bytes))  # fmt: skip
     return ServerConfig(
-        host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=secret,
+        host=args.host or srv.host, port=srv.port if args.port is None else args.port, server_secret=keying.secret,
         tokens=tokens, limits=limits, ssl=ssl_ctx, nixl=not args.no_nixl, node_id=settings.store.node_id,
         max_connections=srv.max_connections, max_connections_per_peer=srv.max_connections_per_peer,
         fd_reserve=srv.fd_reserve,
@@ -164,14 +154,16 @@ class _NodeIndex:
     """The node's index on the serving loop: fed by the store's tiers (through ``events``), by what the tiers held
     at start (announced from a worker thread), and by the vLLM engines in ``[[index.vllm_engines]]``."""
 
-    def __init__(self, service: IndexService, store: Any, node_id: str, events: LoopEventSink) -> None:
+    def __init__(self, service: IndexService, store: TieredStore, node_id: str, events: LoopEventSink) -> None:
         self.service = service
         self._stop = threading.Event()
         held = ((tier, store.tier(tier).keys()) for tier in store.tiers)
         self._announcer = asyncio.create_task(self._announce(events, node_id, held), name="kvfabric-index-announce")
 
     @classmethod
-    async def start(cls, store: Any, config: ServerConfig, settings: Settings, events: LoopEventSink) -> _NodeIndex:
+    async def start(
+        cls, store: TieredStore, config: ServerConfig, settings: Settings, events: LoopEventSink
+    ) -> _NodeIndex:
         from kvfabric.index.service import IndexService  # zmq and the routers: only when serving an index
 
         service = IndexService.for_node(settings.index, config.server_secret, model_source=store.model)
@@ -197,49 +189,117 @@ class _NodeIndex:
         await self.service.aclose()
 
 
-async def _serve(
-    store: Any, config: ServerConfig, settings: Settings, admin_port: int | None, events: LoopEventSink | None
-) -> None:
-    # Handlers first: a SIGTERM right after the ready line must still close the store (flush, unlink the arena).
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    metrics = None
-    if admin_port is not None:
-        from kvfabric.api.metrics import Metrics
+class Node:
+    """One node: it owns the store, the data-plane server over it and, with an admin port, the index and the admin
+    app. :meth:`open` checks the settings and opens the store (no event loop yet); :meth:`start` starts the server,
+    the index and the admin app in that order on the running loop; :meth:`stop` stops what started, last first;
+    :meth:`close` closes the store (flush, unlink the arena)."""
 
-        metrics = Metrics()  # the data plane records latencies into it; the admin app serves it on /metrics
-    server = FabricServer(store, config, observer=metrics)
-    with _listening(config.host, config.port, "the data plane", "--port"):
-        await server.start()
-    admin = None
-    index = None
-    try:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TieredStore,
+        config: ServerConfig,
+        admin_port: int | None,
+        events: LoopEventSink | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.config = config
+        self.admin_port = admin_port
+        self._events = events
+        self._stops: list[Callable[[], Awaitable[None]]] = []
+        self.server: FabricServer | None = None
+
+    @classmethod
+    def open(cls, args: argparse.Namespace, settings: Settings) -> Node:
+        """Check ``settings`` (the effective ones, flags in them) and open the store; :class:`ConfigError` (or the
+        store's own error) names what is wrong, and nothing is left open."""
+        admin_port = _admin_port(args, settings)
         if admin_port is not None:
-            from kvfabric.api.app import create_app
-            from kvfabric.api.routes_index import index_router
-            from kvfabric.api.server import AdminServer
+            _check_admin_auth(args, settings)
+        else:
+            _say("the admin API, /metrics and the dashboard are off: start with --admin-port PORT to serve them")
+        keying = _keying_secret(args, settings)
+        store_config = settings.store_config()
+        _warn_at_start(settings, store_config, keying)
+        probe_object_store(settings, wait_s=settings.object.startup_wait_s, say=_say)
+        # The index comes with the admin app (its HTTP face); the tiers' events wait in this sink for its loop.
+        events = LoopEventSink() if admin_port is not None else None
+        if store_config.data_dir is not None:
+            _verify_keying(DataDir(Path(store_config.data_dir)), keying)
+        store = TieredStore.open(store_config, events=events)
+        try:
+            if "object" in store.tiers:
+                _verify_keying(store.tier("object"), keying)
+            config = _server_config(args, settings, keying)
+            store.start()  # background flusher: write-back queues, RAM watermark, TTL sweeps
+        except BaseException:
+            store.close()
+            raise
+        return cls(settings, store, config, admin_port, events)
 
-            assert events is not None
-            index = await _NodeIndex.start(store, config, settings, events)
-            admin_host = settings.server.admin_host or config.host
-            app = create_app(store, settings, metrics=metrics, extra_routers=[index_router(index.service)])
-            admin = AdminServer(app, admin_host, admin_port)
-            with _listening(admin_host, admin_port, "the admin API", "--admin-port"):
-                await admin.start()
-            print(ADMIN_READY_LINE.format(host=admin_host, port=admin.port), flush=True)
-        print(READY_LINE.format(host=config.host, port=server.port), flush=True)
-        await stop.wait()
-    finally:
+    async def start(self) -> None:
+        """Listen: the data plane, then the index and the admin app; prints the ready lines. On a failure what
+        started stays for :meth:`stop`."""
+        metrics = self._metrics()
+        self.server = FabricServer(self.store, self.config, observer=metrics)
+        with _listening(self.config.host, self.config.port, "the data plane", "--port"):
+            await self.server.start()
+        self._stops.append(self.server.close)
+        if self.admin_port is not None:
+            assert self._events is not None and metrics is not None
+            await self._start_admin(metrics, self._events, self.admin_port)
+        print(READY_LINE.format(host=self.config.host, port=self.server.port), flush=True)
+
+    def _metrics(self) -> Metrics | None:
+        if self.admin_port is None:
+            return None
+        from kvfabric.api.metrics import Metrics  # FastAPI and prometheus: only with the admin app
+
+        return Metrics()  # the data plane records latencies into it; the admin app serves it on /metrics
+
+    async def _start_admin(self, metrics: Metrics, events: LoopEventSink, port: int) -> None:
+        from kvfabric.api.app import create_app
+        from kvfabric.api.routes_index import index_router
+        from kvfabric.api.server import AdminServer
+
+        index = await _NodeIndex.start(self.store, self.config, self.settings, events)
+        self._stops.append(index.aclose)
+        host = self.settings.server.admin_host or self.config.host
+        app = create_app(self.store, self.settings, metrics=metrics, extra_routers=[index_router(index.service)])
+        admin = AdminServer(app, host, port)
+        with _listening(host, port, "the admin API", "--admin-port"):
+            await admin.start()
+        self._stops.append(admin.close)
+        print(ADMIN_READY_LINE.format(host=host, port=admin.port), flush=True)
+
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started, last first. Each step runs whatever the one before it raised: the
+        store's close (flush, arena) must still follow."""
         log.info("shutting down")
-        # Each step runs whatever the one before it raised: the store's close (flush, arena) must still follow.
-        for step in (admin.close if admin else None, index.aclose if index else None, server.close):
-            if step is not None:
-                try:
-                    await step()
-                except Exception:  # noqa: BLE001 - logged with its traceback; stopping goes on
-                    log.exception("shutting down: %s failed", getattr(step, "__qualname__", step))
+        while self._stops:
+            step = self._stops.pop()
+            try:
+                await step()
+            except Exception:
+                log.exception("shutting down: %s failed", getattr(step, "__qualname__", step))
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def serve(self) -> None:
+        """Start, serve until SIGINT or SIGTERM, stop."""
+        # Handlers first: a SIGTERM right after the ready line must still close the store (flush, unlink the arena).
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await self.start()
+            await stopping.wait()
+        finally:
+            await self.stop()
 
 
 @contextlib.contextmanager
@@ -256,45 +316,22 @@ def _listening(host: str, port: int, what: str, flag: str) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = None
+    node = None
     try:
-        settings = _effective(args, load_settings(args.config))
-        admin_port = _admin_port(args, settings)
-        if admin_port is not None:
-            _check_admin_auth(args, settings)
-        else:
-            _say("the admin API, /metrics and the dashboard are off: start with --admin-port PORT to serve them")
-        keying = _keying_secret(args, settings)
-        store_config = settings.store_config()
-        _warn_at_start(settings, store_config, keying)
-        from kvfabric.startup import probe_object_store
-
-        probe_object_store(settings, wait_s=settings.object.startup_wait_s, say=_say)
-        # The index comes with the admin app (its HTTP face); the tiers' events wait in this sink for its loop.
-        events = LoopEventSink() if admin_port is not None else None
-        if store_config.data_dir is not None:
-            from kvfabric.keying import DataDir
-
-            _verify_keying(DataDir(Path(store_config.data_dir)), keying)
-        store = _open_store(store_config, events)
-        if "object" in store.tiers:
-            _verify_keying(store.tier("object"), keying)
-        config = _server_config(args, store, settings, keying)
-        _run_loop(_serve(store, config, settings, admin_port, events))
+        node = Node.open(args, _effective(args, load_settings(args.config)))
+        _run_loop(node.serve())
     except (KVFabricError, OSError) as exc:  # start-up failures (and config ones): one line, exit 2
         if getattr(args, "debug", False):
             traceback.print_exc()
         _say(_one_line(exc))
         return 2
     finally:
-        if store is not None:
-            store.close()
+        if node is not None:
+            node.close()
     return 0
 
 
 def _warn_at_start(settings: Settings, store_config: StoreConfig, keying: KeyingSecret) -> None:
-    from kvfabric.startup import capacity_warnings, placeholder_warnings
-
     warnings = placeholder_warnings(settings, keying.is_placeholder)
     warnings += capacity_warnings(store_config.ram_bytes, store_config.data_dir, store_config.disk_capacity)
     for warning in warnings:
