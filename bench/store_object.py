@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np
 
+from kvfabric.codec import Codec
 from kvfabric.ids import NULL_HASH, BlockKey, ModelFingerprint, Namespace, PrefixHash
 from kvfabric.record import Block, BlockMeta
 from kvfabric.spec import DType
@@ -97,7 +98,7 @@ class _SizePass:
         config = ObjectTierConfig(
             bucket=self.bucket, prefix=f"bench-{self._round}", endpoint_url=self.server.endpoint.endpoint_url,
             region=self.server.endpoint.region, segment_bytes=max(SEGMENT_BYTES, self.size),
-            backlog_bytes=max(4 * SEGMENT_BYTES, 4 * self.size),
+            backlog_bytes=max(4 * SEGMENT_BYTES, 4 * self.size), codec=Codec.RAW,  # raw bytes against raw boto3
         )  # fmt: skip
         tier = ObjectTier.open(config, session=self.server.endpoint.session())
 

@@ -202,6 +202,8 @@ class ServerSettings(_Section):
     """Admin REST API, ``/metrics`` and dashboard port; 0 picks a free one."""
     admin_host: str | None = None
     """Interface for the admin API; default: ``host``."""
+    admin_max_body_bytes: PositiveSize = 4 << 20
+    """Largest admin API request body (413 past it, before it is read); 4 MiB holds a 128K-token routing request."""
     tls: TLSSettings = TLSSettings()
     auth: AuthSettings = AuthSettings()
     server_secret: SecretStr | None = None

@@ -19,7 +19,7 @@ import kvfabric
 from kvfabric.api import routes_blocks, routes_health, routes_namespaces, routes_ops, routes_stats
 from kvfabric.api.auth import Authenticator
 from kvfabric.api.context import AdminContext
-from kvfabric.api.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from kvfabric.api.guard import RequestGuard
 from kvfabric.api.history import ErrorLog, StatsHistory
 from kvfabric.api.metrics import Metrics
 from kvfabric.api.params import reject_unknown_query
@@ -38,11 +38,12 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     extra_routers: Iterable[APIRouter] = (),
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
 ) -> FastAPI:
     """The admin app over ``store``. Pass ``metrics`` to share collectors with the transport server (which records
     get/put latencies into it); ``extra_routers`` are mounted as they are (e.g. the index's router endpoint).
-    A request body from an unknown token, or over ``max_body_bytes``, is refused before it is read."""
+    A request body from an unknown token, or over ``max_body_bytes`` (default: ``server.admin_max_body_bytes``),
+    is refused before it is read."""
     metrics = metrics if metrics is not None else Metrics()
     ctx = AdminContext(
         store=store,
@@ -80,7 +81,9 @@ def create_app(
         app.include_router(router)
 
     # Added before count_requests, so it sits inside it: refusals are counted too.
-    app.add_middleware(RequestGuard, auth=ctx.auth, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        RequestGuard, auth=ctx.auth, max_body_bytes=max_body_bytes or settings.server.admin_max_body_bytes
+    )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -25,14 +25,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
-"""Large enough for a routing request with 128K tokens as JSON; every other admin body is far smaller."""
-
 
 class RequestGuard:
     """ASGI middleware: 401 before the body for an unknown token, 413 for a body over ``max_body_bytes``."""
 
-    def __init__(self, app: ASGIApp, auth: Authenticator, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, auth: Authenticator, max_body_bytes: int) -> None:
         if max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
         self.app = app

@@ -1047,13 +1047,8 @@ class TieredStore:
 
 def _open_disk_tier(config: StoreConfig, events: EventSink | None) -> Tier:
     """The disk tier under ``data_dir/disk`` (``kvfabric.store.disk``)."""
-    try:
-        from kvfabric.store.disk import DiskTier  # imported here: only stores with a data dir need RocksDB
-    except ImportError as exc:
-        raise ConfigError(
-            "data_dir is set but this build has no disk tier (kvfabric.store.disk); set disk_bytes=0 for a "
-            "RAM-only store that still persists its model registry"
-        ) from exc
+    from kvfabric.store.disk import DiskTier  # imported here: only stores with a data dir load RocksDB
+
     if config.data_dir is None or config.disk_capacity is None:
         raise ConfigError("the disk tier needs data_dir and a non-zero disk_bytes")
     return DiskTier(
@@ -1067,8 +1062,6 @@ def _open_object_tier(config: StoreConfig, events: EventSink | None) -> Tier:
     """The S3-compatible tier (``kvfabric.store.object``), its index rebuilt from the bucket's manifests. An
     unreachable store fails the open (``TierUnavailableError``) rather than starting a node that cannot see what S3
     holds."""
-    try:
-        from kvfabric.store.object import ObjectTier  # imported here: only stores with an object tier need boto3
-    except ImportError as exc:
-        raise ConfigError("object tier configured but this build has no kvfabric.store.object") from exc
+    from kvfabric.store.object import ObjectTier  # imported here: only stores with an object tier load boto3
+
     return ObjectTier.open(config.object, source=config.node_id, events=events)
