@@ -184,10 +184,8 @@ class MemoryTier(Tier):
 
     def get(self, key: BlockKey) -> Block | None:
         with self._lock:
-            self._check_open()
-            slot = self._slots.get(key)
+            slot = self._resident(key)
             if slot is None:
-                self._stats.misses += 1
                 return None
             with self._arena.view(slot.offset, slot.nbytes) as src:
                 payload = bytes(src)
@@ -197,10 +195,8 @@ class MemoryTier(Tier):
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
         dst = memoryview(out).cast("B")
         with self._lock:
-            self._check_open()
-            slot = self._slots.get(key)
+            slot = self._resident(key)
             if slot is None:
-                self._stats.misses += 1
                 return None
             if len(dst) != slot.nbytes:
                 raise ValueError(f"destination is {len(dst)} bytes, block {key} needs {slot.nbytes}")
@@ -273,14 +269,20 @@ class MemoryTier(Tier):
         with self._lock:
             return set(self._pins)
 
+    def _resident(self, key: BlockKey) -> _Slot | None:
+        """``key``'s slot, or ``None`` counted as a miss; the caller holds the lock."""
+        self._check_open()
+        slot = self._slots.get(key)
+        if slot is None:
+            self._stats.misses += 1
+        return slot
+
     # --- leases ----------------------------------------------------------------------------------------------------
     def acquire(self, key: BlockKey) -> Lease | None:
         """A read lease on ``key``'s bytes in the arena, or ``None`` if it is not resident."""
         with self._lock:
-            self._check_open()
-            slot = self._slots.get(key)
+            slot = self._resident(key)
             if slot is None:
-                self._stats.misses += 1
                 return None
             if not self._is_held(slot):
                 self._held_bytes += slot.extent

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
-class LoadSpec:
-    """Fetch fabric blocks ``[first_block, first_block + len(block_ids))`` of ``tokens`` into ``block_ids``."""
+class _BlockRun:
+    """Engine blocks ``block_ids`` paired with fabric blocks ``[first_block, end_block)`` of ``tokens``."""
 
     req_id: str
     tokens: tuple[int, ...]
@@ -29,17 +29,13 @@ class LoadSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class SaveSpec:
+class LoadSpec(_BlockRun):
+    """Fetch fabric blocks ``[first_block, first_block + len(block_ids))`` of ``tokens`` into ``block_ids``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSpec(_BlockRun):
     """Store engine blocks ``block_ids`` as fabric blocks ``[first_block, end_block)`` of ``tokens``."""
-
-    req_id: str
-    tokens: tuple[int, ...]
-    first_block: int
-    block_ids: tuple[int, ...]
-
-    @property
-    def end_block(self) -> int:
-        return self.first_block + len(self.block_ids)
 
 
 @dataclass(frozen=True, slots=True)

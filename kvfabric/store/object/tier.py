@@ -472,13 +472,19 @@ class ObjectTier(Tier):
             _check_header_matches(header, key, located.entry)
             block = decode_record(record[: located.entry.record_len])
         except RecordError as exc:
-            log.warning("object tier: corrupt record for %s in segment %s: %s", key, located.segment_id, exc)
-            self._lost(key, located, corrupt=True)
+            self._corrupt(key, located, exc)
             return None
+        self._count_hit(located.entry.record_len)
+        return block
+
+    def _corrupt(self, key: BlockKey, located: Located, exc: RecordError) -> None:
+        log.warning("object tier: corrupt record for %s in segment %s: %s", key, located.segment_id, exc)
+        self._lost(key, located, corrupt=True)
+
+    def _count_hit(self, record_len: int) -> None:
         with self._lock:
             self._stats.hits += 1
-            self._stats.bytes_read += located.entry.record_len
-        return block
+            self._stats.bytes_read += record_len
 
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
         """Read the payload straight from the response stream into ``out`` and verify it there.
@@ -509,12 +515,9 @@ class ObjectTier(Tier):
             _check_header_matches(header, key, e)
             verify_payload(header, dst)
         except RecordError as exc:
-            log.warning("object tier: corrupt record for %s in segment %s: %s", key, located.segment_id, exc)
-            self._lost(key, located, corrupt=True)
+            self._corrupt(key, located, exc)
             return None
-        with self._lock:
-            self._stats.hits += 1
-            self._stats.bytes_read += e.record_len
+        self._count_hit(e.record_len)
         return header.meta
 
     def get_many(self, keys: Iterable[BlockKey]) -> list[Block | None]:
