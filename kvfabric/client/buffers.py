@@ -13,9 +13,14 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvfabric.spec import DType
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +155,8 @@ def settle(dests: Iterable[Destination], staging: PinnedStaging | None) -> None:
         staging.release(d.staging for d in staged)
 
 
-def torch_dtype(dtype: Any) -> Any:
-    """The torch dtype for a :class:`kvfabric.spec.DType`."""
+def torch_dtype(dtype: DType | str) -> torch.dtype:
+    """The torch dtype of a spec's KV elements (a :class:`kvfabric.spec.DType` or its name)."""
     import torch
 
     from kvfabric.spec import DType

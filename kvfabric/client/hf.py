@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvfabric.client.buffers import torch_dtype
 from kvfabric.errors import KVFabricError
 from kvfabric.spec import DType, ModelSpec
 
@@ -27,20 +28,6 @@ if TYPE_CHECKING:
     from kvfabric.client import Client
 
 log = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT16: torch.float16,
-    DType.BFLOAT16: torch.bfloat16,
-}
-
-
-def torch_dtype(dtype: DType) -> torch.dtype:
-    """The torch dtype of a spec's KV elements (the float types engines compute in)."""
-    try:
-        return _TORCH_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"no torch compute dtype for KV dtype {dtype.name}") from None
 
 
 def spec_for_hf(
