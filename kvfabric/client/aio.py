@@ -10,9 +10,10 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
+from kvfabric.client.buffers import Buffer
 from kvfabric.client.core import ClientCore
 from kvfabric.client.plans import OnSegment, Operation, Operations, Plan, Request, Sink, advance, fast_path, hello
-from kvfabric.client.session import CLIENT_LIMITS, ClientOptions, Endpoint, LookupResult, SessionInfo
+from kvfabric.client.session import CLIENT_LIMITS, ClientOptions, Endpoint, LookupResult, SessionInfo, Tokens
 from kvfabric.errors import ClientError, KVFabricError
 from kvfabric.ids import ModelFingerprint, PrefixHash
 from kvfabric.spec import ModelSpec
@@ -236,13 +237,13 @@ class AsyncClient(ClientCore):
         return await self._run((await self._operations()).register_model(spec))
 
     async def block_hashes(
-        self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None
+        self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None
     ) -> list[PrefixHash]:
         """This tenant's chained hashes of every full block of ``tokens`` (``extras``: one per block, mixed in)."""
         return (await self.session()).hashes(spec, tokens, extras)
 
     # --- key operations ------------------------------------------------------------------------------------------
-    async def lookup(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> LookupResult:
+    async def lookup(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> LookupResult:
         """The longest prefix of ``tokens`` the fabric holds for this tenant and model."""
         hashes = await self.block_hashes(spec, tokens, extras)
         return await self._run((await self._operations()).lookup(spec, hashes))
@@ -269,15 +270,15 @@ class AsyncClient(ClientCore):
 
     # --- get -----------------------------------------------------------------------------------------------------
     async def get_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Any] | None = None, *,
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Buffer] | None = None, *,
         chunks: int = 1, on_chunk: Callable[[int], None] | None = None,
-    ) -> list[Any | None]:  # fmt: skip
+    ) -> list[Buffer | None]:  # fmt: skip
         """Fetch blocks into ``out`` (one buffer per hash: numpy, torch CPU/CUDA, bytearray) or new uint8 arrays;
         see :meth:`kvfabric.client.Client.get_blocks`. Batches run concurrently over the pool."""
         return await self._run((await self._operations()).get_blocks(spec, hashes, out, chunks, on_chunk))
 
     async def get(
-        self, spec: ModelSpec, tokens: Any, out: torch.Tensor | None = None, extras: Sequence[bytes] | None = None
+        self, spec: ModelSpec, tokens: Tokens, out: torch.Tensor | None = None, extras: Sequence[bytes] | None = None
     ) -> torch.Tensor | None:
         """KV of the longest cached prefix of ``tokens`` as a tensor ``[n_blocks, *spec.block_shape]`` (into
         ``out`` when given, which must hold at least as many blocks as ``tokens`` has), or ``None``."""
@@ -286,13 +287,19 @@ class AsyncClient(ClientCore):
 
     # --- put -----------------------------------------------------------------------------------------------------
     async def put_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Any], parent: PrefixHash | None = None
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Buffer], parent: PrefixHash | None = None
     ) -> int:
         """Store consecutive blocks of one chain (``parent`` precedes ``hashes[0]``; default the chain root);
         returns the node's count of blocks stored."""
         return await self._run((await self._operations()).put_blocks(spec, hashes, blocks, parent))
 
-    async def put(self, spec: ModelSpec, tokens: Any, kv: Any, extras: Sequence[bytes] | None = None) -> int:
+    async def put(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        kv: torch.Tensor | Sequence[Buffer],
+        extras: Sequence[bytes] | None = None,
+    ) -> int:
         """Store the full blocks of ``tokens`` from ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks)."""
         hashes = await self.block_hashes(spec, tokens, extras)
         return await self._run((await self._operations()).put(spec, hashes, kv))

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 import numpy as np
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from kvfabric.spec import DType
 
 log = logging.getLogger(__name__)
+
+Buffer: TypeAlias = Union[np.ndarray, "torch.Tensor", bytearray, memoryview]
+"""One block's bytes in caller memory: a contiguous numpy array, torch tensor (CPU or CUDA), bytearray or
+memoryview (writable, to receive into)."""
 
 
 class PinnedStaging:

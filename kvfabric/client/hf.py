@@ -230,4 +230,3 @@ class HFAdapter:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[0, -1].float()
         return Generation(tuple(out_tokens), tuple(logprobs), pre.matched_tokens, pre.published_blocks)
-

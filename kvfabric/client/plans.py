@@ -14,11 +14,11 @@ import functools
 import logging
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from kvfabric.client.buffers import Destination, PinnedStaging, readable, settle, torch_dtype, writable
+from kvfabric.client.buffers import Buffer, Destination, PinnedStaging, readable, settle, torch_dtype, writable
 from kvfabric.client.leased import LeasedReader
 from kvfabric.client.session import (
     ClientOptions,
@@ -39,6 +39,9 @@ from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
 from kvfabric.transport import nixl as nixl_transport
 from kvfabric.transport.shm import ArenaMap, host_identity
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -235,9 +238,9 @@ class Operations:
 
     # --- get -----------------------------------------------------------------------------------------------------
     def get_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Any] | None = None, chunks: int = 1,
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Buffer] | None = None, chunks: int = 1,
         on_chunk: Callable[[int], None] | None = None,
-    ) -> Operation[Metas, list[Any | None]]:  # fmt: skip
+    ) -> Operation[Metas, list[Buffer | None]]:  # fmt: skip
         if out is None:
             out = [np.empty(spec.block_nbytes, dtype=np.uint8) for _ in hashes]
         if len(out) != len(hashes):
@@ -253,7 +256,7 @@ class Operations:
             h, d = [hashes[i] for i in r], [dests[i] for i in r]
             return get_leased(leased, fp, h, d) if leased is not None else get_tcp(fp, h, d, chunks, on_chunk)
 
-        def found(metas: list[Metas]) -> list[Any | None]:
+        def found(metas: list[Metas]) -> list[Buffer | None]:
             flat = [m for ms in metas for m in ms]
             return [o if m is not None else None for o, m in zip(out, flat, strict=True)]
 
@@ -261,7 +264,9 @@ class Operations:
         after = functools.partial(settle, dests, self.staging)  # device copies done, staging back for the next call
         return Operation("get", [functools.partial(run, r) for r in runs], found, after=after)
 
-    def get(self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Any = None) -> Operation[Metas, Any]:
+    def get(
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: torch.Tensor | None = None
+    ) -> Operation[Metas, torch.Tensor | None]:
         """The leading found blocks as one tensor ``[n, *block_shape]`` (a view of ``out`` when given), or None."""
         if not hashes:
             return Operation("get", [], lambda _: None)
@@ -271,7 +276,7 @@ class Operations:
             out = torch.empty((len(hashes), *spec.block_shape), dtype=torch_dtype(spec.dtype))
         op = self.get_blocks(spec, hashes, [out[i] for i in range(len(hashes))])
 
-        def prefix(metas: list[Metas]) -> Any:
+        def prefix(metas: list[Metas]) -> torch.Tensor | None:
             n = leading(op.combine(metas))
             return out[:n] if n else None
 
@@ -279,7 +284,7 @@ class Operations:
 
     # --- put -----------------------------------------------------------------------------------------------------
     def put_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Any], parent: PrefixHash | None = None
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Buffer], parent: PrefixHash | None = None
     ) -> Operation[int, int]:
         if len(blocks) != len(hashes):
             raise ValueError(f"{len(blocks)} blocks for {len(hashes)} hashes")
@@ -303,7 +308,9 @@ class Operations:
         return Operation("put", [functools.partial(run, r) for r in runs], sum, True, self._registration(spec),
                          functools.partial(self.staging.release, held))  # fmt: skip
 
-    def put(self, spec: ModelSpec, hashes: Sequence[PrefixHash], kv: Any) -> Operation[int, int]:
+    def put(
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], kv: torch.Tensor | Sequence[Buffer]
+    ) -> Operation[int, int]:
         """The leading blocks of ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks) under ``hashes``."""
         n = min(len(hashes), len(kv))
         if not n:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeAlias, TypeVar
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from kvfabric.client.buffers import Destination
 from kvfabric.errors import AuthError, ClientError, ConfigError, ProtocolError, RemoteError
@@ -24,6 +26,8 @@ CLIENT_LIMITS: Final = fr.Limits(max_body_bytes=64 << 20, max_batch=1 << 20, max
 RETRY_BACKOFF_S = 0.05
 """The wait before a call's first retry; it doubles for each one after."""
 F = TypeVar("F")
+Tokens: TypeAlias = Sequence[int] | np.ndarray
+"""Token ids, one-dimensional (a CPU tensor passes as an array)."""
 
 
 class Endpoint(NamedTuple):
@@ -101,7 +105,7 @@ class SessionInfo:
             fp = self._fingerprints[spec] = spec.fingerprint()
         return fp
 
-    def hashes(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
+    def hashes(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
         return prefix_hashes(root_hash(self.fingerprint(spec), self.salt), tokens, spec.block_size, extras)
 
 

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from kvfabric.client.buffers import Buffer
 from kvfabric.client.core import ClientCore
 from kvfabric.client.plans import Operation, Operations, Plan, fast_path
-from kvfabric.client.session import LookupResult, SessionInfo
+from kvfabric.client.session import LookupResult, SessionInfo, Tokens
 from kvfabric.client.sync_conn import SyncConnection
 from kvfabric.errors import ClientError
 from kvfabric.ids import ModelFingerprint, PrefixHash
@@ -112,12 +113,12 @@ class Client(ClientCore):
         """Register ``spec`` with the node (a put does this when needed); returns its fingerprint."""
         return self._run(self._operations.register_model(spec))
 
-    def block_hashes(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
+    def block_hashes(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
         """This tenant's chained hashes of every full block of ``tokens`` (``extras``: one per block, mixed in)."""
         return self.session.hashes(spec, tokens, extras)
 
     # --- key operations ------------------------------------------------------------------------------------------
-    def lookup(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> LookupResult:
+    def lookup(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> LookupResult:
         """The longest prefix of ``tokens`` the fabric holds for this tenant and model."""
         return self._run(self._operations.lookup(spec, self.block_hashes(spec, tokens, extras)))
 
@@ -143,9 +144,9 @@ class Client(ClientCore):
 
     # --- get -----------------------------------------------------------------------------------------------------
     def get_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Any] | None = None, *,
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Buffer] | None = None, *,
         chunks: int = 1, on_chunk: Callable[[int], None] | None = None,
-    ) -> list[Any | None]:  # fmt: skip
+    ) -> list[Buffer | None]:  # fmt: skip
         """Fetch blocks into ``out`` (one buffer per hash: numpy, torch CPU/CUDA, bytearray) or new uint8 arrays.
 
         Returns the buffer for each hit and ``None`` for each miss. ``chunks > 1`` streams over TCP chunk-major
@@ -154,7 +155,7 @@ class Client(ClientCore):
         return self._run(self._operations.get_blocks(spec, hashes, out, chunks, on_chunk))
 
     def get(
-        self, spec: ModelSpec, tokens: Any, out: torch.Tensor | None = None, extras: Sequence[bytes] | None = None
+        self, spec: ModelSpec, tokens: Tokens, out: torch.Tensor | None = None, extras: Sequence[bytes] | None = None
     ) -> torch.Tensor | None:
         """KV of the longest cached prefix of ``tokens`` as a tensor ``[n_blocks, *spec.block_shape]`` (into
         ``out`` when given, which must hold at least as many blocks as ``tokens`` has), or ``None``."""
@@ -162,13 +163,19 @@ class Client(ClientCore):
 
     # --- put -----------------------------------------------------------------------------------------------------
     def put_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Any], parent: PrefixHash | None = None
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Buffer], parent: PrefixHash | None = None
     ) -> int:
         """Store consecutive blocks of one chain (``parent`` precedes ``hashes[0]``; default the chain root);
         returns the node's count of blocks stored."""
         return self._run(self._operations.put_blocks(spec, hashes, blocks, parent))
 
-    def put(self, spec: ModelSpec, tokens: Any, kv: Any, extras: Sequence[bytes] | None = None) -> int:
+    def put(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        kv: torch.Tensor | Sequence[Buffer],
+        extras: Sequence[bytes] | None = None,
+    ) -> int:
         """Store the full blocks of ``tokens`` from ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks)."""
         return self._run(self._operations.put(spec, self.block_hashes(spec, tokens, extras), kv))
 
