@@ -178,7 +178,7 @@ class AsyncClient(ClientCore):
     async def _connection(self) -> AsyncConnection:
         self._check_open()
         self._conns = [c for c in self._conns if not c.broken]
-        if len(self._conns) >= self.options.pool_size:
+        if len(self._conns) >= self.options.pool_size and self._ops is not None:
             return self._conns[next(self._rr) % len(self._conns)]
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -186,12 +186,13 @@ class AsyncClient(ClientCore):
             if len(self._conns) < self.options.pool_size:
                 conn = await AsyncConnection.open(self.endpoint, self.options)
                 self._conns.append(conn)
-                if self._ops is None:
-                    assert conn.session is not None
-                    leased = await conn.run(fast_path(conn.session, self.options, self.endpoint))
-                    self._ops = Operations(conn.session, leased, self._staging)
-                return conn
-        return self._conns[next(self._rr) % len(self._conns)]
+            else:
+                conn = self._conns[next(self._rr) % len(self._conns)]
+            if self._ops is None:  # the first connection, or the one after a failed first fast-path setup
+                assert conn.session is not None
+                leased = await conn.run(fast_path(conn.session, self.options, self.endpoint))
+                self._ops = Operations(conn.session, leased, self._staging)
+            return conn
 
     async def _operations(self) -> Operations:
         if self._ops is None:

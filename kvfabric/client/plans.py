@@ -161,7 +161,7 @@ def get_leased(
     ids = [e.lease_id for e in reply.entries if isinstance(e, fr.Lease)]
     try:
         result = leased.read(reply.entries, dests)
-    finally:  # no yield in the try: a plan abandoned mid-call never runs this during close()
+    finally:  # the leases go back even when the copy failed
         if ids:
             yield Request("release", lambda rid: fr.encode_release(rid, ids), oneway=True)
     if result.elsewhere:

@@ -50,11 +50,12 @@ class Client(ClientCore):
                     conn = self._idle.get_nowait()
                 except queue.Empty:
                     conn = SyncConnection(self.endpoint, self.options)
-                    self._adopt(conn)
                     break
                 if conn.stale():  # closed by the server while idle: a request on it would fail, a PUT unretried
                     conn.close()
                     conn = None
+            if self._ops is None:  # the first connection, or the one after a failed first fast-path setup
+                self._adopt(conn)
             yield conn
         finally:
             if conn is not None:
