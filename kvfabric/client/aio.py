@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
-from kvfabric.client.buffers import Buffer
+from kvfabric.client.buffers import KV, Buffer
 from kvfabric.client.core import ClientCore
 from kvfabric.client.plans import OnSegment, Operation, Operations, Plan, Request, Sink, advance, fast_path, hello
 from kvfabric.client.session import CLIENT_LIMITS, ClientOptions, Endpoint, LookupResult, SessionInfo, Tokens
@@ -298,7 +298,7 @@ class AsyncClient(ClientCore):
         self,
         spec: ModelSpec,
         tokens: Tokens,
-        kv: torch.Tensor | Sequence[Buffer],
+        kv: KV,
         extras: Sequence[bytes] | None = None,
     ) -> int:
         """Store the full blocks of ``tokens`` from ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks)."""

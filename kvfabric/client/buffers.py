@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 Buffer: TypeAlias = Union[np.ndarray, "torch.Tensor", bytearray, memoryview]
 """One block's bytes in caller memory: a contiguous numpy array, torch tensor (CPU or CUDA), bytearray or
 memoryview (writable, to receive into)."""
+KV: TypeAlias = Union["torch.Tensor", Sequence[Buffer]]
+"""Consecutive blocks to store: a tensor ``[n_blocks, *block_shape]`` or one buffer per block."""
 
 
 class PinnedStaging:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from kvfabric.client.buffers import Buffer, Destination, PinnedStaging, readable, settle, torch_dtype, writable
+from kvfabric.client.buffers import KV, Buffer, Destination, PinnedStaging, readable, settle, torch_dtype, writable
 from kvfabric.client.leased import LeasedReader
 from kvfabric.client.session import (
     ClientOptions,
@@ -308,9 +308,7 @@ class Operations:
         return Operation("put", [functools.partial(run, r) for r in runs], sum, True, self._registration(spec),
                          functools.partial(self.staging.release, held))  # fmt: skip
 
-    def put(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], kv: torch.Tensor | Sequence[Buffer]
-    ) -> Operation[int, int]:
+    def put(self, spec: ModelSpec, hashes: Sequence[PrefixHash], kv: KV) -> Operation[int, int]:
         """The leading blocks of ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks) under ``hashes``."""
         n = min(len(hashes), len(kv))
         if not n:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from kvfabric.client.buffers import Buffer
+from kvfabric.client.buffers import KV, Buffer
 from kvfabric.client.core import ClientCore
 from kvfabric.client.plans import Operation, Operations, Plan, fast_path
 from kvfabric.client.session import LookupResult, SessionInfo, Tokens
@@ -170,13 +170,7 @@ class Client(ClientCore):
         returns the node's count of blocks stored."""
         return self._run(self._operations.put_blocks(spec, hashes, blocks, parent))
 
-    def put(
-        self,
-        spec: ModelSpec,
-        tokens: Tokens,
-        kv: torch.Tensor | Sequence[Buffer],
-        extras: Sequence[bytes] | None = None,
-    ) -> int:
+    def put(self, spec: ModelSpec, tokens: Tokens, kv: KV, extras: Sequence[bytes] | None = None) -> int:
         """Store the full blocks of ``tokens`` from ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks)."""
         return self._run(self._operations.put(spec, self.block_hashes(spec, tokens, extras), kv))
 

@@ -55,8 +55,14 @@ def test_buffers_of_every_kind(connect: Connect, server: ThreadServer) -> None:
             c.get_blocks(spec, hashes, [np.zeros(3, dtype=np.float32)[::2]] * 3)  # not contiguous
 
 
-def test_batches_larger_than_the_server_limit(connect: Connect, store: TieredStore) -> None:
-    with thread_server(store, nixl=False, limits=Limits(max_batch=4)) as srv, connect(srv.url, shm=False) as c:
+@pytest.mark.parametrize("shm", [False, True])
+@pytest.mark.parametrize(
+    "limits", [Limits(max_batch=4), Limits(max_batch=8, max_reply_views=3)], ids=["batch", "views"]
+)
+def test_batches_within_the_server_limits(connect: Connect, store: TieredStore, limits: Limits, shm: bool) -> None:
+    """Calls larger than the server's batch limit, or than its reply-view limit (gets split by views; key
+    operations, whose replies carry no views, by the batch limit; a lookup reads on past its first batch)."""
+    with thread_server(store, nixl=False, limits=limits) as srv, connect(srv.url, shm=shm) as c:
         kv = bf16_kv(11)
         tokens = np.arange(11 * SPEC.block_size)
         assert c.put(SPEC, tokens, kv) == 11
@@ -124,20 +130,6 @@ def test_a_reply_body_larger_than_the_receive_buffer(connect: Connect, server: T
         got = c.get_blocks(spec, c.block_hashes(spec, tokens))
         assert np.array_equal(np.stack(got), kv.reshape(n, -1))
         assert c.lookup(spec, tokens).blocks == n  # the same connection reads on after the grown buffer
-
-
-@pytest.mark.parametrize("shm", [False, True])
-def test_batches_within_the_reply_view_limit(connect: Connect, store: TieredStore, shm: bool) -> None:
-    """A server allowing fewer reply views than hashes per batch: gets split by views, key operations (whose
-    replies carry no views) by the batch limit, and a lookup reads on past its first batch."""
-    with thread_server(store, nixl=False, limits=Limits(max_batch=8, max_reply_views=3)) as srv, \
-            connect(srv.url, shm=shm) as c:  # fmt: skip
-        kv = bf16_kv(11)
-        tokens = np.arange(11 * SPEC.block_size)
-        assert c.put(SPEC, tokens, kv) == 11
-        assert c.lookup(SPEC, tokens).blocks == 11
-        assert torch.equal(c.get(SPEC, tokens), kv)
-        assert c.exists(SPEC, c.block_hashes(SPEC, tokens)) == [True] * 11
 
 
 def test_bad_input_is_refused_before_anything_is_sent(connect: Connect, server: ThreadServer) -> None:
