@@ -1,47 +1,30 @@
 """The asyncio client: pipelined requests over a few connections (a ``BufferedProtocol`` each, receiving payloads
-straight into caller buffers), mirroring :class:`kvfabric.client.sync.Client` method for method."""
+straight into caller buffers); a call's runs go out at once, each retried on its own when idempotent. What each call
+sends and how its replies decode is in :mod:`kvfabric.client.plans`, shared with :class:`kvfabric.client.Client`,
+which this client mirrors method for method; this module only drives it."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
-import numpy as np
-
-from kvfabric.client.buffers import Destination, PinnedStaging, readable, settle, torch_dtype, writable
-from kvfabric.client.leased import LeasedReader
-from kvfabric.client.session import (
-    ClientOptions,
-    Endpoint,
-    GetPlan,
-    LookupResult,
-    SessionInfo,
-    batches,
-    expect,
-    leading,
-    parse_url,
-    put_items,
-    session_from,
-)
-from kvfabric.client.sync_conn import CLIENT_LIMITS
-from kvfabric.errors import ClientError, KVFabricError, RemoteError
-from kvfabric.hashing import root_hash
+from kvfabric.client.buffers import KV, Buffer
+from kvfabric.client.core import ClientCore
+from kvfabric.client.plans import OnSegment, Operation, Operations, Plan, Request, Sink, advance, fast_path, hello
+from kvfabric.client.session import CLIENT_LIMITS, ClientOptions, Endpoint, LookupResult, SessionInfo, Tokens
+from kvfabric.errors import ClientError, KVFabricError
 from kvfabric.ids import ModelFingerprint, PrefixHash
 from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
-from kvfabric.transport import nixl as nixl_transport
 from kvfabric.transport.receiver import FrameReceiver
-from kvfabric.transport.shm import ArenaMap, host_identity
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
+R = TypeVar("R")
 T = TypeVar("T")
-RETRY_BACKOFF_S = 0.05
-
-Sink = Callable[[fr.Frame], Sequence[memoryview] | None]
-OnSegment = Callable[[fr.Frame, int], None]
 
 
 class _Pending:
@@ -80,11 +63,9 @@ class AsyncConnection(asyncio.BufferedProtocol):
                 options.timeout,
             )
         except (OSError, TimeoutError) as exc:
-            raise ClientError(f"cannot connect to {endpoint}: {exc!r}") from exc
+            raise ClientError(f"cannot connect to {endpoint}: {exc or type(exc).__name__}") from exc
         try:
-            rid = conn.next_id()
-            reply = await conn.request(fr.encode_hello(rid, options.token, host_identity(), options.features()))
-            conn.session = session_from(reply)
+            conn.session = await conn.run(hello(options))
         except BaseException:
             conn.close()
             raise
@@ -92,6 +73,24 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def next_id(self) -> int:
         return next(self._ids)
+
+    async def run(self, plan: Plan[R]) -> R:
+        """Run ``plan`` to its end on this connection (other plans' requests interleave with its own)."""
+        try:
+            request, result = advance(plan, None)
+            while request is not None:
+                request, result = advance(plan, await self.exchange(request))
+        finally:
+            plan.close()  # a plan left mid-way by a failed request ends here, not whenever it is collected
+        return cast(R, result)
+
+    async def exchange(self, req: Request) -> fr.Frame | None:
+        """Send ``req`` and return its reply (``None`` for a oneway frame)."""
+        head = req.encode(self.next_id())
+        if req.oneway:
+            self.send_oneway(head)
+            return None
+        return await self.request(head, req.payload, req.sink, req.on_segment, req.what)
 
     async def request(
         self, head: bytes, payload: Sequence[memoryview] = (), sink: Sink | None = None,
@@ -167,28 +166,19 @@ class AsyncConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-class AsyncClient:
-    """``async with AsyncClient("kvfabric://host:9500") as c: await c.get(...)``."""
+class AsyncClient(ClientCore):
+    """``async with AsyncClient("kvfabric://host:9500") as c: await c.get(...)``; the calls of
+    :class:`kvfabric.client.Client`, as coroutines (``session`` and ``transport`` too). Use from one event loop."""
 
-    def __init__(
-        self, url: str = "kvfabric://127.0.0.1:9500", *, token: str | None = None, timeout: float = 10.0,
-        pool_size: int = 4, shm: bool | None = None, nixl: bool = False, retries: int = 2, ssl: Any = None,
-    ) -> None:  # fmt: skip
-        self.endpoint = parse_url(url)
-        self.options = ClientOptions(token, timeout, pool_size, shm, nixl, retries, ssl)
+    def _open_pool(self) -> None:
         self._conns: list[AsyncConnection] = []
         self._rr = itertools.count()
         self._lock: asyncio.Lock | None = None
-        self._session: SessionInfo | None = None
-        self._leased: LeasedReader | None = None
-        self._closed = False
-        self._staging = PinnedStaging()  # host buffers for CUDA tensors, reused across calls
 
     async def _connection(self) -> AsyncConnection:
-        if self._closed:
-            raise ClientError("client is closed")
+        self._check_open()
         self._conns = [c for c in self._conns if not c.broken]
-        if len(self._conns) >= self.options.pool_size:
+        if len(self._conns) >= self.options.pool_size and self._ops is not None:
             return self._conns[next(self._rr) % len(self._conns)]
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -196,234 +186,135 @@ class AsyncClient:
             if len(self._conns) < self.options.pool_size:
                 conn = await AsyncConnection.open(self.endpoint, self.options)
                 self._conns.append(conn)
-                if self._session is None:
-                    assert conn.session is not None
-                    self._session = conn.session
-                    self._leased = await self._open_fast_path(conn)
-                return conn
-        return self._conns[next(self._rr) % len(self._conns)]
+            else:
+                conn = self._conns[next(self._rr) % len(self._conns)]
+            if self._ops is None:  # the first connection, or the one after a failed first fast-path setup
+                assert conn.session is not None
+                leased = await conn.run(fast_path(conn.session, self.options, self.endpoint))
+                self._ops = Operations(conn.session, leased, self._staging)
+            return conn
 
-    async def _open_fast_path(self, conn: AsyncConnection) -> LeasedReader | None:
-        session = conn.session
-        assert session is not None
-        if self.options.nixl:
-            if not session.nixl:
-                log.warning("NIXL requested but %s does not offer it; using TCP", self.endpoint)
-                return None
-            ep = nixl_transport.client_endpoint()
-            if ep is None:
-                return None
-            try:
-                reply = await conn.request(fr.encode_nixl_connect(conn.next_id(), ep.metadata))
-                reply = expect(reply, fr.NixlOk, "nixl")
-            except RemoteError as exc:  # the server offered NIXL but could not start its endpoint
-                log.warning("NIXL unavailable on %s (%s); using TCP", self.endpoint, exc)
-                ep.close()
-                return None
-            ep.connect(reply.agent_metadata)
-            return LeasedReader(nixl=ep, base_addr=reply.base_addr)
-        if self.options.shm is False or session.shm is None:
-            if self.options.shm and session.shm is None:
-                log.warning("shared memory requested but %s is not on this host; using TCP", self.endpoint)
-            return None
+    async def _operations(self) -> Operations:
+        if self._ops is None:
+            await self._connection()
+        assert self._ops is not None
+        return self._ops
+
+    async def _run(self, op: Operation[Any, T]) -> T:
         try:
-            return LeasedReader(arena=ArenaMap(session.shm.path, expect=session.shm))
-        except OSError as exc:
-            log.warning("cannot map the server's arena %s (%s); using TCP", session.shm.path, exc)
-            return None
+            if op.before is not None:
+                await self._run(op.before)
+            # every run ends before ``after`` returns its buffers: no run may still be receiving into them
+            results = await asyncio.gather(*(self._attempt(op, run) for run in op.runs), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            return op.combine(cast(list[Any], results))
+        finally:
+            if op.after is not None:
+                op.after()
 
-    async def _call(self, what: str, fn: Callable[[AsyncConnection], Awaitable[T]], idempotent: bool = True) -> T:
-        attempts = self.options.retries + 1 if idempotent else 1
-        for attempt in range(attempts):
+    async def _attempt(self, op: Operation[R, Any], run: Callable[[], Plan[R]]) -> R:
+        attempt = 0
+        while True:
             try:
-                return await fn(await self._connection())
-            except RemoteError:
-                raise
+                return await (await self._connection()).run(run())
             except ClientError as exc:
-                if attempt + 1 >= attempts or self._closed:
-                    raise ClientError(f"{what} on {self.endpoint} failed after {attempt + 1} attempt(s): {exc}") \
-                        from exc
-                log.info("%s on %s failed (%s); retrying", what, self.endpoint, exc)
-                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(self.options.retry_delay(op.what, self.endpoint, attempt, exc,
+                                                             op.idempotent and not self._closed))  # fmt: skip
+            attempt += 1
 
     async def session(self) -> SessionInfo:
-        if self._session is None:
-            await self._connection()
-        assert self._session is not None
-        return self._session
+        """What the server said at hello: tenant, salt, limits, offers (connects if not yet connected)."""
+        return (await self._operations()).session
 
     async def transport(self) -> str:
-        await self.session()
-        return self._leased.kind if self._leased is not None else "tcp"
+        """``"shm"``, ``"nixl"`` or ``"tcp"``: how blocks travel for this client."""
+        return self._transport_of(await self._operations())
 
+    # --- models and hashes ---------------------------------------------------------------------------------------
     async def register_model(self, spec: ModelSpec) -> ModelFingerprint:
-        async def op(conn: AsyncConnection) -> ModelFingerprint:
-            reply = await conn.request(fr.encode_register_model(conn.next_id(), spec.to_dict()), what="register")
-            return expect(reply, fr.ModelOk, "register_model").fingerprint
-
-        fp = await self._call("register_model", op)
-        (await self.session()).registered.add(fp)
-        return fp
+        """Register ``spec`` with the node (a put does this when needed); returns its fingerprint."""
+        return await self._run((await self._operations()).register_model(spec))
 
     async def block_hashes(
-        self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None
+        self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None
     ) -> list[PrefixHash]:
+        """This tenant's chained hashes of every full block of ``tokens`` (``extras``: one per block, mixed in)."""
         return (await self.session()).hashes(spec, tokens, extras)
 
-    async def _keys(self, kind: fr.KeyOp, spec: ModelSpec, hashes: Sequence[PrefixHash], idem: bool) -> list[Any]:
-        session = await self.session()
-        fp = session.fingerprint(spec)
-
-        async def one(run: range) -> fr.Frame:
-            async def op(conn: AsyncConnection) -> fr.Frame:
-                return await conn.request(fr.encode_keys(conn.next_id(), kind, fp, [hashes[i] for i in run]), what=kind)
-
-            return await self._call(kind, op, idem)
-
-        return list(await asyncio.gather(*(one(r) for r in batches(len(hashes), [0] * len(hashes), session.limits))))
-
-    async def lookup(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> LookupResult:
+    # --- key operations ------------------------------------------------------------------------------------------
+    async def lookup(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> LookupResult:
+        """The longest prefix of ``tokens`` the fabric holds for this tenant and model."""
         hashes = await self.block_hashes(spec, tokens, extras)
-        tiers: list[Any] = []
-        for reply in await self._keys("lookup", spec, hashes, True):
-            run = expect(reply, fr.LookupOk, "lookup").tiers
-            tiers.extend(run)
-            if len(run) < min(len(hashes), (await self.session()).limits.max_batch):
-                break
-        return LookupResult(len(tiers), len(tiers) * spec.block_size, tuple(tiers))
+        return await self._run((await self._operations()).lookup(spec, hashes))
 
     async def exists(self, spec: ModelSpec, hashes: Sequence[PrefixHash]) -> list[bool]:
-        replies = await self._keys("exists", spec, hashes, True)
-        return [f for r in replies for f in expect(r, fr.Flags, "exists").flags]
+        """Whether each block is held (in any tier)."""
+        return await self._run((await self._operations()).exists(spec, hashes))
 
     async def delete(self, spec: ModelSpec, hashes: Sequence[PrefixHash]) -> int:
-        return sum(expect(r, fr.Count, "delete").count for r in await self._keys("delete", spec, hashes, False))
+        """Delete the blocks from every tier; returns how many were held."""
+        return await self._run((await self._operations()).count("delete", spec, hashes))
 
     async def pin(self, spec: ModelSpec, hashes: Sequence[PrefixHash]) -> int:
-        return sum(expect(r, fr.Count, "pin").count for r in await self._keys("pin", spec, hashes, False))
+        """Keep the blocks from eviction until unpinned; returns how many were pinned."""
+        return await self._run((await self._operations()).count("pin", spec, hashes))
 
     async def unpin(self, spec: ModelSpec, hashes: Sequence[PrefixHash]) -> int:
-        return sum(expect(r, fr.Count, "unpin").count for r in await self._keys("unpin", spec, hashes, False))
+        """Let pinned blocks be evicted again; returns how many were unpinned."""
+        return await self._run((await self._operations()).count("unpin", spec, hashes))
 
     async def stats(self) -> dict[str, Any]:
-        async def op(conn: AsyncConnection) -> dict[str, Any]:
-            return expect(await conn.request(fr.encode_stats(conn.next_id())), fr.StatsOk, "stats").stats
+        """The node's counters and tier totals, as this tenant may see them."""
+        return await self._run((await self._operations()).stats())
 
-        return await self._call("stats", op)
-
+    # --- get -----------------------------------------------------------------------------------------------------
     async def get_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Any] | None = None, *,
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], out: Sequence[Buffer] | None = None, *,
         chunks: int = 1, on_chunk: Callable[[int], None] | None = None,
-    ) -> list[Any | None]:  # fmt: skip
-        """See :meth:`kvfabric.client.sync.Client.get_blocks`; batches run concurrently over the pool."""
-        if out is None:
-            out = [np.empty(spec.block_nbytes, dtype=np.uint8) for _ in hashes]
-        if len(out) != len(hashes):
-            raise ValueError(f"{len(out)} output buffers for {len(hashes)} hashes")
-        dests = [writable(o, self._staging) for o in out]
-        session = await self.session()
-        fp = session.fingerprint(spec)
+    ) -> list[Buffer | None]:  # fmt: skip
+        """Fetch blocks into ``out`` (one buffer per hash: numpy, torch CPU/CUDA, bytearray) or new uint8 arrays;
+        see :meth:`kvfabric.client.Client.get_blocks`. Batches run concurrently over the pool."""
+        return await self._run((await self._operations()).get_blocks(spec, hashes, out, chunks, on_chunk))
 
-        async def one(run: range) -> list[fr.WireMeta | None]:
-            h, d = [hashes[i] for i in run], [dests[i] for i in run]
-            if self._leased is not None and chunks == 1:
-                return await self._call("get", lambda conn: self._get_leased(conn, fp, h, d))
-            return await self._call("get", lambda conn: self._get_tcp(conn, fp, h, d, chunks, on_chunk))
-
-        runs = batches(len(hashes), [spec.block_nbytes] * len(hashes), session.limits, chunks)
-        try:
-            metas = [m for ms in await asyncio.gather(*(one(r) for r in runs)) for m in ms]
-        finally:
-            settle(dests, self._staging)
-        return [o if m is not None else None for o, m in zip(out, metas, strict=True)]
-
-    async def _get_tcp(
-        self, conn: AsyncConnection, fp: bytes, hashes: list[PrefixHash], dests: Sequence[Destination | None],
-        chunks: int = 1, on_chunk: Callable[[int], None] | None = None,
-    ) -> list[fr.WireMeta | None]:  # fmt: skip
-        plan = GetPlan(dests, chunks, on_chunk)
-        reply = await conn.request(
-            fr.encode_get(conn.next_id(), fp, hashes, chunks), sink=plan.sink, on_segment=plan.on_segment, what="get"
-        )
-        return plan.finish(expect(reply, fr.Blocks, "get"))
-
-    async def _get_leased(
-        self, conn: AsyncConnection, fp: bytes, hashes: list[PrefixHash], dests: Sequence[Destination | None]
-    ) -> list[fr.WireMeta | None]:
-        assert self._leased is not None
-        reply = expect(await conn.request(fr.encode_lease(conn.next_id(), fp, hashes)), fr.Leases, "lease")
-        ids = [e.lease_id for e in reply.entries if isinstance(e, fr.Lease)]
-        try:
-            result = self._leased.read(reply.entries, dests)
-        finally:
-            if ids:
-                conn.send_oneway(fr.encode_release(conn.next_id(), ids))
-        if result.elsewhere:
-            idx = result.elsewhere
-            metas = await self._get_tcp(conn, fp, [hashes[i] for i in idx], [dests[i] for i in idx])
-            for i, m in zip(idx, metas, strict=True):
-                result.metas[i] = m
-        return result.metas
-
-    async def get(self, spec: ModelSpec, tokens: Any, out: Any = None, extras: Sequence[bytes] | None = None) -> Any:
-        import torch
-
+    async def get(
+        self, spec: ModelSpec, tokens: Tokens, out: torch.Tensor | None = None, extras: Sequence[bytes] | None = None
+    ) -> torch.Tensor | None:
+        """KV of the longest cached prefix of ``tokens`` as a tensor ``[n_blocks, *spec.block_shape]`` (into
+        ``out`` when given, which must hold at least as many blocks as ``tokens`` has), or ``None``."""
         hashes = await self.block_hashes(spec, tokens, extras)
-        if not hashes:
-            return None
-        if out is None:
-            out = torch.empty((len(hashes), *spec.block_shape), dtype=torch_dtype(spec.dtype))
-        got = await self.get_blocks(spec, hashes, [out[i] for i in range(len(hashes))])
-        n = leading(got)
-        return out[:n] if n else None
+        return await self._run((await self._operations()).get(spec, hashes, out))
 
+    # --- put -----------------------------------------------------------------------------------------------------
     async def put_blocks(
-        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Any], parent: PrefixHash | None = None
+        self, spec: ModelSpec, hashes: Sequence[PrefixHash], blocks: Sequence[Buffer], parent: PrefixHash | None = None
     ) -> int:
-        if len(blocks) != len(hashes):
-            raise ValueError(f"{len(blocks)} blocks for {len(hashes)} hashes")
-        session = await self.session()
-        fp = session.fingerprint(spec)
-        if fp not in session.registered:
-            await self.register_model(spec)
-        root = parent if parent is not None else root_hash(fp, session.salt)
-        held: list[Any] = []  # pinned buffers of CUDA sources, released below
-        payloads = [readable(b, self._staging, held) for b in blocks]
-        items = put_items(spec, hashes, root, payloads)
+        """Store consecutive blocks of one chain (``parent`` precedes ``hashes[0]``; default the chain root);
+        returns the node's count of blocks stored."""
+        return await self._run((await self._operations()).put_blocks(spec, hashes, blocks, parent))
 
-        async def one(run: range) -> int:
-            async def op(conn: AsyncConnection) -> int:
-                head = fr.encode_put(conn.next_id(), fp, [items[i] for i in run])
-                reply = await conn.request(head, [payloads[i] for i in run], what="put")
-                return expect(reply, fr.Count, "put").count
-
-            return await self._call("put", op)
-
-        runs = batches(len(items), [it.meta.nbytes for it in items], session.limits)
-        try:
-            return sum(await asyncio.gather(*(one(r) for r in runs)))
-        finally:
-            self._staging.release(held)
-
-    async def put(self, spec: ModelSpec, tokens: Any, kv: Any, extras: Sequence[bytes] | None = None) -> int:
+    async def put(
+        self,
+        spec: ModelSpec,
+        tokens: Tokens,
+        kv: KV,
+        extras: Sequence[bytes] | None = None,
+    ) -> int:
+        """Store the full blocks of ``tokens`` from ``kv`` (``[n_blocks, *block_shape]`` or a list of blocks)."""
         hashes = await self.block_hashes(spec, tokens, extras)
-        n = min(len(hashes), len(kv))
-        return await self.put_blocks(spec, hashes[:n], [kv[i] for i in range(n)]) if n else 0
+        return await self._run((await self._operations()).put(spec, hashes, kv))
 
+    # --- lifecycle -----------------------------------------------------------------------------------------------
     async def close(self) -> None:
+        """Close every connection and the fast path; later calls raise :class:`ClientError`."""
         self._closed = True
         for conn in self._conns:
             conn.close()
         self._conns.clear()
-        if self._leased is not None:
-            try:
-                self._leased.close()
-            except BufferError:
-                pass
-            self._leased = None
+        self._close_fast_path()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, Union
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
+    from kvfabric.spec import DType
+
 log = logging.getLogger(__name__)
+
+Buffer: TypeAlias = Union[np.ndarray, "torch.Tensor", bytearray, memoryview]
+"""One block's bytes in caller memory: a contiguous numpy array, torch tensor (CPU or CUDA), bytearray or
+memoryview (writable, to receive into)."""
+KV: TypeAlias = Union["torch.Tensor", Sequence[Buffer]]
+"""Consecutive blocks to store: a tensor ``[n_blocks, *block_shape]`` or one buffer per block."""
 
 
 class PinnedStaging:
@@ -150,8 +161,8 @@ def settle(dests: Iterable[Destination], staging: PinnedStaging | None) -> None:
         staging.release(d.staging for d in staged)
 
 
-def torch_dtype(dtype: Any) -> Any:
-    """The torch dtype for a :class:`kvfabric.spec.DType`."""
+def torch_dtype(dtype: DType | str) -> torch.dtype:
+    """The torch dtype of a spec's KV elements (a :class:`kvfabric.spec.DType` or its name)."""
     import torch
 
     from kvfabric.spec import DType

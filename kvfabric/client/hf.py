@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvfabric.client.buffers import torch_dtype
 from kvfabric.errors import KVFabricError
 from kvfabric.spec import DType, ModelSpec
 
@@ -27,20 +28,6 @@ if TYPE_CHECKING:
     from kvfabric.client import Client
 
 log = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT16: torch.float16,
-    DType.BFLOAT16: torch.bfloat16,
-}
-
-
-def torch_dtype(dtype: DType) -> torch.dtype:
-    """The torch dtype of a spec's KV elements (the float types engines compute in)."""
-    try:
-        return _TORCH_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"no torch compute dtype for KV dtype {dtype.name}") from None
 
 
 def spec_for_hf(
@@ -243,4 +230,3 @@ class HFAdapter:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[0, -1].float()
         return Generation(tuple(out_tokens), tuple(logprobs), pre.matched_tokens, pre.published_blocks)
-

@@ -1,13 +1,16 @@
-"""What both clients share: the URL, what the server said at hello, replies -> results or exceptions, and the
-batch plans for get and put (which destination receives which payload bytes)."""
+"""What both clients share, free of I/O: the URL and options, what the server said at hello, replies -> results or
+exceptions, how requests split into batches, where a GET's payload lands, and when a failed call is retried.
+The operations built from these are in :mod:`kvfabric.client.plans`."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Final, NamedTuple, TypeAlias, TypeVar
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from kvfabric.client.buffers import Destination
 from kvfabric.errors import AuthError, ClientError, ConfigError, ProtocolError, RemoteError
@@ -17,11 +20,19 @@ from kvfabric.spec import ModelSpec
 from kvfabric.transport import frames as fr
 
 DEFAULT_PORT = 9500
+CLIENT_LIMITS: Final = fr.Limits(max_body_bytes=64 << 20, max_batch=1 << 20, max_block_bytes=1 << 40,
+                                  max_payload_bytes=1 << 44)  # fmt: skip
+"""What a client accepts in a reply: it trusts its server's sizes and only guards against absurd values."""
+RETRY_BACKOFF_S = 0.05
+"""The wait before a call's first retry; it doubles for each one after."""
 F = TypeVar("F")
+Tokens: TypeAlias = Sequence[int] | np.ndarray
+"""Token ids, one-dimensional (a CPU tensor passes as an array)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """Where a client connects; ``tls`` for a ``kvfabrics://`` URL."""
+
     host: str
     port: int
     tls: bool
@@ -53,6 +64,17 @@ class ClientOptions:
     def features(self) -> tuple[str, ...]:
         return ("shm",) if self.shm is not False else ()
 
+    def retry_delay(self, what: str, endpoint: Endpoint, attempt: int, exc: ClientError, idempotent: bool) -> float:
+        """Seconds to wait before retrying ``what`` after ``exc`` ended attempt ``attempt`` (from 0), or raises
+        the call's final error: when attempts are spent, the operation is not idempotent, or the server refused
+        it (a :class:`RemoteError` answers the request itself; sending it again gets the same answer)."""
+        attempts = self.retries + 1 if idempotent else 1
+        if isinstance(exc, RemoteError):
+            raise exc
+        if attempt + 1 >= attempts:
+            raise ClientError(f"{what} on {endpoint} failed after {attempt + 1} attempt(s): {exc}") from exc
+        return float(RETRY_BACKOFF_S * 2**attempt)
+
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
@@ -83,31 +105,31 @@ class SessionInfo:
             fp = self._fingerprints[spec] = spec.fingerprint()
         return fp
 
-    def hashes(self, spec: ModelSpec, tokens: Any, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
+    def hashes(self, spec: ModelSpec, tokens: Tokens, extras: Sequence[bytes] | None = None) -> list[PrefixHash]:
         return prefix_hashes(root_hash(self.fingerprint(spec), self.salt), tokens, spec.block_size, extras)
 
 
-def session_from(reply: fr.Frame) -> SessionInfo:
+def session_from(reply: fr.Frame | None) -> SessionInfo:
     hello = expect(reply, fr.HelloOk, "hello")
     return SessionInfo(hello.tenant, hello.salt, hello.node_id, hello.limits, hello.shm, hello.nixl)
 
 
-def expect(reply: fr.Frame, kind: type[F], what: str) -> F:
-    """``reply`` as ``kind``, or the matching exception for an ERROR frame / unexpected frame."""
+def expect(reply: fr.Frame | None, kind: type[F], what: str) -> F:
+    """``reply`` as ``kind``, or the matching exception for an ERROR frame / unexpected frame / no reply."""
     if isinstance(reply, kind):
         return reply
     if isinstance(reply, fr.Error):
         if reply.code in ("auth", "forbidden"):
             raise AuthError(f"{what} refused: {reply.message}")
         raise RemoteError(reply.code, f"{what} failed: {reply.message}")
-    raise ProtocolError(f"{what}: server answered with a {reply.op} frame")
+    raise ProtocolError(f"{what}: server answered with {f'a {reply.op} frame' if reply is not None else 'nothing'}")
 
 
-def batches(n: int, per_item: Sequence[int], limits: fr.ServerLimits, chunks: int = 1) -> list[range]:
-    """Split ``n`` items into runs within the server's batch and payload limits (and, for a GET cut into
-    ``chunks``, its limit of hashes x chunks)."""
+def batches(n: int, per_item: Sequence[int], limits: fr.ServerLimits, views: int = 1) -> list[range]:
+    """Split ``n`` items into runs within the server's batch and payload limits and, for a GET whose reply has
+    ``views`` views per block (its chunks), its limit of reply views; key operations pass ``views=0``."""
     out, start, size = [], 0, 0
-    most = max(1, min(limits.max_batch, limits.max_reply_views // max(1, chunks)))
+    most = max(1, min(limits.max_batch, limits.max_reply_views // views) if views else limits.max_batch)
     for i in range(n):
         if i > start and (i - start >= most or size + per_item[i] > limits.max_payload_bytes):
             out.append(range(start, i))

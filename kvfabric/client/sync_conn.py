@@ -12,25 +12,20 @@ from __future__ import annotations
 import select
 import socket
 import struct
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections.abc import Sequence
+from typing import Final, TypeVar, cast
 
-from kvfabric.client.session import ClientOptions, Endpoint, SessionInfo, session_from
+from kvfabric.client.plans import OnSegment, Plan, Request, Sink, advance, hello
+from kvfabric.client.session import CLIENT_LIMITS, ClientOptions, Endpoint, SessionInfo
 from kvfabric.errors import ClientError, KVFabricError, ProtocolError
 from kvfabric.transport import frames as fr
-from kvfabric.transport.shm import host_identity
 
 IOV_MAX: Final = 512
 CONTROL_BYTES: Final = 64 << 10
 """Reused buffer for reply headers and bodies (grown for a larger body)."""
 FIRST_READ_BYTES: Final = 4096
 """The first read of a reply: header, a typical body, and a few payload bytes that are then copied once."""
-CLIENT_LIMITS: Final = fr.Limits(max_body_bytes=64 << 20, max_batch=1 << 20, max_block_bytes=1 << 40,
-                                  max_payload_bytes=1 << 44)  # fmt: skip
-"""A client trusts its server's sizes; it only guards against absurd values."""
-
-Sink = Callable[[fr.Frame], Sequence[memoryview] | None]
-OnSegment = Callable[[fr.Frame, int], None]
+R = TypeVar("R")
 
 
 class SyncConnection:
@@ -64,8 +59,7 @@ class SyncConnection:
                 raise ClientError(f"TLS handshake with {endpoint} failed: {exc}") from exc
         self.sock = raw
         try:
-            reply = self.request(fr.encode_hello(self.next_id(), options.token, host_identity(), options.features()))
-            self.session: SessionInfo = session_from(reply)
+            self.session: SessionInfo = self.run(hello(options))
         except BaseException:
             self.close()
             raise
@@ -74,6 +68,24 @@ class SyncConnection:
         rid = self._next_id
         self._next_id += 1
         return rid
+
+    def run(self, plan: Plan[R]) -> R:
+        """Run ``plan`` to its end on this connection, one request at a time."""
+        try:
+            request, result = advance(plan, None)
+            while request is not None:
+                request, result = advance(plan, self.exchange(request))
+        finally:
+            plan.close()  # a plan left mid-way by a failed request ends here, not whenever it is collected
+        return cast(R, result)
+
+    def exchange(self, req: Request) -> fr.Frame | None:
+        """Send ``req`` and return its reply (``None`` for a oneway frame)."""
+        head = req.encode(self.next_id())
+        if req.oneway:
+            self.send_oneway(head)
+            return None
+        return self.request(head, req.payload, req.sink, req.on_segment, req.what)
 
     def request(
         self, head: bytes, payload: Sequence[memoryview] = (), sink: Sink | None = None,
