@@ -252,11 +252,10 @@ class DiskTier(Tier):
         self._store(list(blocks))
 
     def get(self, key: BlockKey) -> Block | None:
-        kb = key.to_bytes()
-        found = self._acquire(kb)
+        found = self._acquire(key)
         if found is None:
             return None
-        entry, seg = found
+        kb, entry, seg = found
         ok = False
         try:
             head = self._own_header(entry, kb)
@@ -284,12 +283,11 @@ class DiskTier(Tier):
     def get_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
         """Read the payload straight into ``out`` (preadv, no intermediate copy, RAW codec); the checksum is
         verified on ``out`` itself. On a checksum failure ``out`` holds garbage and ``None`` is returned."""
-        dst = memoryview(out).cast("B")
-        kb = key.to_bytes()
-        found = self._acquire(kb)
+        found = self._acquire(key)
         if found is None:
             return None
-        entry, seg = found
+        kb, entry, seg = found
+        dst = memoryview(out).cast("B")
         ok = False
         try:
             try:
@@ -800,8 +798,9 @@ class DiskTier(Tier):
         return out
 
     # --- read path ---------------------------------------------------------------------------------------------
-    def _acquire(self, kb: bytes) -> tuple[IndexEntry, Segment] | None:
-        """The key's entry and its segment, pinned open for reading; counts a miss when absent."""
+    def _acquire(self, key: BlockKey) -> tuple[bytes, IndexEntry, Segment] | None:
+        """The key's index bytes, entry and segment, pinned open for reading; counts a miss when absent."""
+        kb = key.to_bytes()
         with self._lock:
             self._check_open()
             entry = self._index.get(kb)
@@ -811,7 +810,7 @@ class DiskTier(Tier):
                 return None
             seg.readers += 1
             self._reads += 1
-            return entry, seg
+            return kb, entry, seg
 
     def _release(self, seg: Segment, read_bytes: int = 0, *, hit: bool = False) -> None:
         """Unpin ``seg`` after a read (closing a retired segment's fd with its last reader) and count the read."""
