@@ -52,6 +52,8 @@ class Tenant:
     name: Namespace
     salt: bytes
     scope: Scope = "admin"
+    node_wide: bool = False
+    """The token covers every namespace (``"*"``), or auth is off: it may see node-wide counters (STATS)."""
 
     def has(self, scope: Scope) -> bool:
         return SCOPE_RANK[self.scope] >= SCOPE_RANK[scope]
@@ -82,7 +84,7 @@ class Authenticator:
     def authenticate(self, token: str | None) -> Tenant:
         """The tenant ``token`` belongs to; raises AuthError for a missing or unknown token when auth is on."""
         if not self.enabled:
-            return self.tenant(DEFAULT_TENANT)
+            return self.tenant(DEFAULT_TENANT, node_wide=True)
         if not token:
             raise AuthError("this server requires a bearer token")
         digest = _digest(token)
@@ -98,10 +100,11 @@ class Authenticator:
                 f"this token's namespaces {sorted(namespaces)} leave out its tenant {found.tenant!r}, the only "
                 "namespace a data-plane connection acts in"
             )
-        return self.tenant(Namespace(found.tenant), found.scope)
+        node_wide = namespaces is not None and ALL_NAMESPACES in namespaces
+        return self.tenant(Namespace(found.tenant), found.scope, node_wide=node_wide)
 
-    def tenant(self, name: Namespace, scope: Scope = "admin") -> Tenant:
-        return Tenant(name, tenant_salt(self._secret, name), scope)
+    def tenant(self, name: Namespace, scope: Scope = "admin", *, node_wide: bool = False) -> Tenant:
+        return Tenant(name, tenant_salt(self._secret, name), scope, node_wide)
 
 
 def _digest(token: str) -> bytes:

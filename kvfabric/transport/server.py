@@ -324,9 +324,9 @@ class FabricServer:
         self.arena = None  # views may still be referenced by in-flight tasks; the GC unmaps it
 
     def stats(self, tenant: Tenant) -> dict[str, Any]:
-        out: dict[str, Any] = {"tenant": tenant.name, "node_id": self.config.node_id,
-                               "server": asdict(self.counters)}  # fmt: skip
-        if not self.auth.enabled:  # per-tier totals would let one tenant watch another's activity
+        out: dict[str, Any] = {"tenant": tenant.name, "node_id": self.config.node_id}
+        if tenant.node_wide:  # node-wide totals would let one tenant watch another's activity: "*" tokens only
+            out["server"] = asdict(self.counters)
             out["tiers"] = {t: asdict(s) if is_dataclass(s) else s for t, s in self.store.tier_stats().items()}
         return out
 

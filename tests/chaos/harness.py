@@ -27,6 +27,7 @@ LONG = os.environ.get("KVFABRIC_CHAOS_LONG") == "1"
 STEADY = "chaos-steady-token-0123456789"  # tenant "steady", write
 STEADY_READER = "chaos-steady-reader-0123456789"  # tenant "steady", read only
 HOSTILE = "chaos-hostile-token-0123456789"  # tenant "hostile", write
+OPS = "chaos-ops-token-0123456789"  # tenant "ops", read, every namespace: sees the node-wide STATS counters
 SPEC = ModelSpec(model="chaos/tiny", num_layers=16, kv_heads=4, head_dim=32, dtype=DType.BFLOAT16, block_size=16)
 """128 KiB blocks: 16 layers x 2 x 16 tokens x 4 heads x 32 dims x 2 bytes, splittable into 16384 chunks."""
 P99_BOUND_S = 3.0
@@ -73,6 +74,12 @@ scopes = ["read"]
 token = "{HOSTILE}"
 tenant = "hostile"
 scopes = ["write"]
+
+[[server.auth.tokens]]
+token = "{OPS}"
+tenant = "ops"
+scopes = ["read"]
+namespaces = ["*"]
 
 [store]
 data_dir = "{root / "data"}"

@@ -9,7 +9,7 @@ import numpy as np
 
 from kvfabric.client import Client
 from kvfabric.transport import frames as fr
-from tests.chaos.harness import HOSTILE, MAX_FRAME_BYTES, SPEC, STEADY, Node, beside, scale
+from tests.chaos.harness import HOSTILE, MAX_FRAME_BYTES, OPS, SPEC, Node, beside, scale
 from tests.transport.wire import closed_by_peer, connect, hello, read_frame
 
 
@@ -30,7 +30,7 @@ def test_partial_puts_of_the_largest_frame(node: Node) -> None:
                 s.sendall(put)
                 s.sendall(b"\x07" * (MAX_FRAME_BYTES // 2))
             time.sleep(0.5)
-            with Client(node.url, token=STEADY, shm=False) as probe:
+            with Client(node.url, token=OPS, shm=False) as probe:
                 server = probe.stats()["server"]
                 assert server["inflight_bytes"] >= 4 * MAX_FRAME_BYTES  # held against the budget ...
             for s in socks:  # ... until the 3 s frame deadline drops each stalled PUT
@@ -39,7 +39,7 @@ def test_partial_puts_of_the_largest_frame(node: Node) -> None:
                 assert closed_by_peer(s)
                 s.close()
         time.sleep(0.3)
-        with Client(node.url, token=STEADY, shm=False) as probe:
+        with Client(node.url, token=OPS, shm=False) as probe:
             assert probe.stats()["server"]["inflight_bytes"] == 0
         assert steady.latencies
     with Client(node.url, token=HOSTILE, shm=False) as c:  # nothing of the half-sent puts was stored

@@ -13,6 +13,7 @@ from kvfabric.errors import AuthError
 from kvfabric.hashing import root_hash
 from kvfabric.store.tiered import TieredStore
 from kvfabric.transport import frames as fr
+from kvfabric.transport.auth import TokenGrant
 from tests.blocks import SPEC
 from tests.transport.servers import ThreadServer, thread_server
 
@@ -46,10 +47,26 @@ def test_tenant_b_cannot_get_lookup_exists_or_delete_a_blocks(secured: ThreadSer
         assert b.get_blocks(SPEC, a_hashes) == [None] * 4
         assert b.delete(SPEC, a_hashes) == 0
         assert b.pin(SPEC, a_hashes) == 0
-        assert "tiers" not in b.stats()  # no global counters to watch another tenant's activity through
+        stats = b.stats()  # no node-wide counters to watch another tenant's activity through
+        assert "tiers" not in stats and "server" not in stats and stats["tenant"] == "tenant-b"
         # A still has everything
         assert a.lookup(SPEC, tokens).blocks == 4
         assert a.exists(SPEC, a_hashes) == [True] * 4
+
+
+def test_only_a_token_for_every_namespace_sees_node_wide_stats(store: TieredStore) -> None:
+    tokens: dict[str, str | TokenGrant] = {
+        "token-a": "tenant-a",
+        "token-ops": TokenGrant.of("ops", ["read"], ["*"]),
+        "token-a-admin": TokenGrant.of("tenant-a", ["admin"], ["tenant-a"]),
+    }
+    with thread_server(store, tokens=tokens, nixl=False) as srv:
+        for token in ("token-a", "token-a-admin"):  # a tenant's admin is still one tenant
+            with Client(srv.url, token=token, shm=False) as c:
+                assert set(c.stats()) == {"tenant", "node_id"}
+        with Client(srv.url, token="token-ops", shm=False) as ops:
+            stats = ops.stats()
+        assert stats["tenant"] == "ops" and stats["server"]["connections"] >= 1 and "ram" in stats["tiers"]
 
 
 def test_salt_is_derived_by_the_server_from_the_token(secured: ThreadServer) -> None:
