@@ -24,6 +24,7 @@ private memory (``RssAnon``: the RAM arena is shared memory), sampled every 100 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -105,31 +106,27 @@ def clients64(node: Node, stop: threading.Event, out: dict[str, object]) -> None
                ops=len(puts) + len(gets), errors=len(errors))  # fmt: skip
 
 
-def preauth_4mib(node: Node, stop: threading.Event, out: dict[str, object]) -> None:
-    def burst() -> None:
-        socks = [connect(node.port, timeout=10) for _ in range(50)]
+def _waves(node: Node, stop: threading.Event, n: int, opening: Callable[[socket.socket], None]) -> None:
+    """Until ``stop``: open ``n`` connections, send each its ``opening``, wait for the server's answer (an ERROR at
+    once or at a deadline; a closed connection counts too), close them all, and again."""
+    while not stop.is_set():
+        socks = [connect(node.port, timeout=15) for _ in range(n)]
         for s in socks:
-            s.sendall(fr.HEADER.pack(fr.MAGIC, 1, fr.OP_HELLO, 4 << 20, 1, 0) + b"\x00" * 1000)
+            opening(s)
         for s in socks:
-            read_frame(s)
+            with contextlib.suppress(OSError):
+                read_frame(s)
             s.close()
 
-    _until(stop, burst)
+
+def preauth_4mib(node: Node, stop: threading.Event, out: dict[str, object]) -> None:
+    header = fr.HEADER.pack(fr.MAGIC, 1, fr.OP_HELLO, 4 << 20, 1, 0) + b"\x00" * 1000
+    _waves(node, stop, 50, lambda s: s.sendall(header))
 
 
 def slowloris(node: Node, stop: threading.Event, out: dict[str, object]) -> None:
-    def hold() -> None:
-        socks = [connect(node.port, timeout=10) for _ in range(200)]
-        for s in socks:
-            s.sendall(fr.HEADER.pack(fr.MAGIC, 1, fr.OP_HELLO, 8 << 10, 1, 0) + b"\x94" * 64)
-        for s in socks:
-            try:
-                read_frame(s)  # the handshake deadline's ERROR
-            except OSError:
-                pass
-            s.close()
-
-    _until(stop, hold)
+    partial = fr.HEADER.pack(fr.MAGIC, 1, fr.OP_HELLO, 8 << 10, 1, 0) + b"\x94" * 64
+    _waves(node, stop, 200, lambda s: s.sendall(partial))  # each held until the handshake deadline
 
 
 def _hostile_hash(node: Node) -> bytes:
@@ -168,20 +165,12 @@ def partial_puts(node: Node, stop: threading.Event, out: dict[str, object]) -> N
     meta = fr.WireMeta(hashes[0], SPEC.dtype, SPEC.block_shape, SPEC.block_size)
     put = fr.encode_put(2, SPEC.fingerprint(), [fr.PutItem(h, meta) for h in hashes])
 
-    def stall() -> None:
-        socks = [connect(node.port, timeout=15) for _ in range(4)]
-        for s in socks:
-            hello(s, HOSTILE)
-            s.sendall(put)
-            s.sendall(b"\x07" * (MAX_FRAME_BYTES // 2))
-        for s in socks:
-            try:
-                read_frame(s)  # the frame deadline's ERROR
-            except OSError:
-                pass
-            s.close()
+    def stall(s: socket.socket) -> None:  # half a PUT, then nothing until the frame deadline
+        hello(s, HOSTILE)
+        s.sendall(put)
+        s.sendall(b"\x07" * (MAX_FRAME_BYTES // 2))
 
-    _until(stop, stall)
+    _waves(node, stop, 4, stall)
 
 
 def admin_bodies(node: Node, stop: threading.Event, out: dict[str, object]) -> None:

@@ -11,6 +11,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def auth_node_config(tmp_path: Path, *, admin_token: str, engine_token: str, extra: str = "") -> Path:
+    """A node config with auth on: ``admin_token`` is the operator (admin, every namespace), ``engine_token`` writes
+    as ``tenant-a``; RAM + disk under ``tmp_path / "data"``; ``extra`` is appended (an ``[object]`` section, say)."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[server]
+server_secret = "serve-test-secret"
+stats_interval_s = 0.1
+
+[server.auth]
+enabled = true
+
+[[server.auth.tokens]]
+token = "{admin_token}"
+tenant = "ops"
+scopes = ["admin"]
+namespaces = ["*"]
+
+[[server.auth.tokens]]
+token = "{engine_token}"
+tenant = "tenant-a"
+scopes = ["write"]
+
+[store]
+data_dir = "{tmp_path / "data"}"
+ram_bytes = "64MiB"
+disk_bytes = "256MiB"
+{extra}
+""")
+    return cfg
+
+
 def start_serve(
     config: Path,
     home: Path,

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvfabric.client import Client
 from tests.blocks import SPEC
-from tests.serve_process import start_serve
+from tests.serve_process import auth_node_config, start_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "serve-admin-token-0123456789"
@@ -23,33 +23,7 @@ ENGINE_TOKEN = "serve-engine-token-0123456789"
 
 
 def write_config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[server]
-server_secret = "serve-test-secret"
-stats_interval_s = 0.1
-
-[server.auth]
-enabled = true
-
-[[server.auth.tokens]]
-token = "{ADMIN_TOKEN}"
-tenant = "ops"
-scopes = ["admin"]
-namespaces = ["*"]
-
-[[server.auth.tokens]]
-token = "{ENGINE_TOKEN}"
-tenant = "tenant-a"
-scopes = ["write"]
-
-[store]
-data_dir = "{tmp_path / "data"}"
-ram_bytes = "64MiB"
-disk_bytes = "256MiB"
-node_id = "serve-node"
-""")
-    return cfg
+    return auth_node_config(tmp_path, admin_token=ADMIN_TOKEN, engine_token=ENGINE_TOKEN, extra='node_id = "serve-node"')
 
 
 def start_node(tmp_path: Path) -> tuple[subprocess.Popen[str], str, str]:

@@ -17,38 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvfabric.client import Client
 from tests.blocks import SPEC
 from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedFS
-from tests.serve_process import start_serve
+from tests.serve_process import auth_node_config, start_serve
 
 ADMIN_TOKEN = "counts-admin-token-0123456789"
 ENGINE_TOKEN = "counts-engine-token-0123456789"
 
 
 def write_config(tmp_path: Path, s3: SeaweedFS, bucket: str) -> Path:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[server]
-server_secret = "counts-test-secret"
-stats_interval_s = 0.1
-
-[server.auth]
-enabled = true
-
-[[server.auth.tokens]]
-token = "{ADMIN_TOKEN}"
-tenant = "ops"
-scopes = ["admin"]
-namespaces = ["*"]
-
-[[server.auth.tokens]]
-token = "{ENGINE_TOKEN}"
-tenant = "tenant-a"
-scopes = ["write"]
-
-[store]
-data_dir = "{tmp_path / "data"}"
-ram_bytes = "64MiB"
-disk_bytes = "256MiB"
-
+    return auth_node_config(tmp_path, admin_token=ADMIN_TOKEN, engine_token=ENGINE_TOKEN, extra=f"""
 [object]
 endpoint_url = "{s3.endpoint.endpoint_url}"
 region = "{s3.endpoint.region}"
@@ -57,7 +33,6 @@ access_key_id = "{ACCESS_KEY}"
 secret_access_key = "{SECRET_KEY}"
 seal_after_s = 0.1
 """)
-    return cfg
 
 
 @pytest.fixture
